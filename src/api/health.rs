@@ -1,0 +1,98 @@
+//! Liveness and readiness for the load balancer, and metrics for Prometheus.
+//!
+//! `/healthz` answers 200 while the process serves. `/readyz` answers 200 only when the store
+//! answers, the audit log is writable, the keys are loaded and shutdown has not begun; otherwise
+//! 503 with the failing checks named.
+
+use std::sync::atomic::Ordering;
+
+use http::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use super::respond::{self, ApiError, Body};
+use super::{App, Exchange};
+use crate::audit::{Activity, Reason, Surface};
+use crate::store::Store;
+
+#[derive(Serialize)]
+struct Readiness {
+    status: &'static str,
+    store: bool,
+    audit: bool,
+    keys: bool,
+    shutting_down: bool,
+}
+
+/// Handles `/healthz`, `/readyz` and `/metrics`.
+pub async fn handle<B: super::RequestBody>(
+    app: &App,
+    ex: &mut Exchange,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    ex.facts.surface = Surface::Ops;
+    ex.facts.activity = Activity::Read;
+    let path = req.uri().path();
+    let ready = path == "/readyz";
+    ex.facts.operation = match path {
+        "/readyz" => "health:ready",
+        "/metrics" => "metrics:scrape",
+        _ => "health:live",
+    };
+    if req.method() != Method::GET {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            Reason::MethodNotAllowed,
+            "Only GET is supported.",
+        )
+        .with_allow("GET"));
+    }
+    if path == "/metrics" {
+        app.auditor.queue_depth();
+        let (source, instance, project) = app.limiters.key_counts();
+        for (limit, keys) in [
+            ("source", source),
+            ("instance", instance),
+            ("project", project),
+        ] {
+            app.metrics
+                .rate_limit_keys
+                .get_or_create(&crate::metrics::LimitLabels { limit })
+                .set(i64::try_from(keys).unwrap_or(i64::MAX));
+        }
+        let mut response = respond::text(app.metrics.encode());
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+        return Ok(response);
+    }
+    if !ready {
+        return Ok(respond::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "alive"}),
+        ));
+    }
+    let shutting_down = app.shutting_down.load(Ordering::SeqCst);
+    let report = Readiness {
+        status: "ready",
+        store: app.store.ping().await.is_ok(),
+        audit: app.auditor.writable().await,
+        keys: app.keyring().key_ids().next().is_some(),
+        shutting_down,
+    };
+    if report.store && report.audit && report.keys && !shutting_down {
+        Ok(respond::json(StatusCode::OK, &report))
+    } else {
+        ex.facts.reason = Reason::NotReady;
+        ex.facts.detail = Some("not ready".into());
+        Ok(respond::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Readiness {
+                status: "unready",
+                ..report
+            },
+        ))
+    }
+}

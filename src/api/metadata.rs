@@ -1,0 +1,505 @@
+//! The instance-facing API: `GET|POST /openstack/{version}/password`, as Nova serves it.
+//!
+//! Status codes follow Nova wherever the Neutron/OVN metadata proxy or a guest agent depends on
+//! them: the proxy passes only 200, 400, 403, 404, 409, 500, 502, 503 and 504 through, so a wrong
+//! method is a 400 (not 405) and a rate limit a 503 (not 429). See the shared `CONTRACT.md`.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+
+use super::body::{BodyError, read_limited};
+use super::respond::{self, ApiError, Body};
+use super::{App, Exchange, store_failure};
+use crate::audit::event::bounded;
+use crate::audit::{Activity, AuthMethod, CallerKind, Facts, Reason, Surface};
+use crate::config::ProxyAuth;
+use crate::crypto::{MAX_PLAINTEXT_LEN, RecordBinding};
+use crate::identity::{INSTANCE_ID_HEADER, ProxyHeaderError, SIGNATURE_HEADER, TENANT_ID_HEADER};
+use crate::ids::{InstanceId, ProjectId};
+use crate::policy::{Action, Principal, Target};
+use crate::store::{PASSWORD_FIELD, SetOutcome, Store, chunks};
+
+/// Nova's metadata versions, oldest first; `latest` is the newest.
+pub const VERSIONS: [&str; 10] = [
+    "2012-08-10",
+    "2013-04-04",
+    "2013-10-17",
+    "2015-10-15",
+    "2016-06-30",
+    "2016-10-06",
+    "2017-02-22",
+    "2018-08-27",
+    "2020-10-14",
+    "2025-04-04",
+];
+
+/// The first version with a `password` entry.
+pub const PASSWORD_SINCE: &str = "2013-04-04";
+
+/// Whether `version` serves the password (`latest`, or a known version from 2013-04-04 on).
+pub fn serves_password(version: &str) -> bool {
+    version == "latest" || (VERSIONS.contains(&version) && version >= PASSWORD_SINCE)
+}
+
+/// A route of the instance API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceRoute {
+    /// `/openstack` or `/openstack/`: the version listing.
+    Versions,
+    /// `/openstack/{v}` or `/openstack/{v}/`: the listing of a version.
+    Version,
+    /// `/openstack/{v}/password`.
+    Password,
+    /// Anything else.
+    NotFound,
+}
+
+/// Routes a path under `/openstack`, exactly: no decoding, no normalisation, so `..`, `%2e%2e`,
+/// doubled slashes and unknown versions all miss.
+pub fn route(path: &str) -> InstanceRoute {
+    let Some(rest) = path.strip_prefix("/openstack") else {
+        return InstanceRoute::NotFound;
+    };
+    let rest = match rest {
+        "" | "/" => return InstanceRoute::Versions,
+        r => match r.strip_prefix('/') {
+            Some(r) => r,
+            None => return InstanceRoute::NotFound,
+        },
+    };
+    let (version, tail) = match rest.split_once('/') {
+        Some((v, t)) => (v, Some(t)),
+        None => (rest, None),
+    };
+    if !serves_password(version) {
+        return InstanceRoute::NotFound;
+    }
+    match tail {
+        None | Some("") => InstanceRoute::Version,
+        Some("password") => InstanceRoute::Password,
+        Some(_) => InstanceRoute::NotFound,
+    }
+}
+
+/// Why a posted password is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordBodyError {
+    /// No bytes.
+    Empty,
+    /// Not UTF-8.
+    NotUtf8,
+    /// NUL or a control character other than tab, line feed and carriage return (which line-wrapped
+    /// base64 contains).
+    ControlCharacter,
+}
+
+/// Checks a posted password: non-empty UTF-8 text without NUL or control characters (tab, LF and CR
+/// are allowed: some agents wrap their base64).
+pub fn validate_password(body: &[u8]) -> Result<&str, PasswordBodyError> {
+    if body.is_empty() {
+        return Err(PasswordBodyError::Empty);
+    }
+    let text = std::str::from_utf8(body).map_err(|_| PasswordBodyError::NotUtf8)?;
+    if text
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(PasswordBodyError::ControlCharacter);
+    }
+    Ok(text)
+}
+
+/// Handles a request under `/openstack`.
+pub async fn handle<B: super::RequestBody>(
+    app: &App,
+    ex: &mut Exchange,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    ex.facts.surface = Surface::Instance;
+    let (parts, body) = req.into_parts();
+    match route(parts.uri.path()) {
+        InstanceRoute::Versions => {
+            let mut listing: Vec<&str> = VERSIONS
+                .iter()
+                .copied()
+                .filter(|v| serves_password(v))
+                .collect();
+            listing.push("latest");
+            list(ex, &parts.method, listing.join("\n"))
+        }
+        InstanceRoute::Version => list(ex, &parts.method, PASSWORD_FIELD.to_owned()),
+        InstanceRoute::Password => match parts.method {
+            Method::GET => get_password(app, ex, &parts.headers).await,
+            Method::POST => post_password(app, ex, &parts.headers, body).await,
+            _ => {
+                ex.facts.operation = "password:other";
+                Err(ApiError::bad_request(
+                    Reason::MethodNotAllowed,
+                    "GET and POST only are supported.",
+                )
+                .with_allow("GET, POST"))
+            }
+        },
+        InstanceRoute::NotFound => Err(ApiError::not_found(
+            Reason::NotFound,
+            "No such metadata path.",
+        )),
+    }
+}
+
+fn list(ex: &mut Exchange, method: &Method, body: String) -> Result<Response<Body>, ApiError> {
+    ex.facts.operation = "metadata:list";
+    ex.facts.activity = Activity::Read;
+    if method != Method::GET {
+        return Err(
+            ApiError::bad_request(Reason::MethodNotAllowed, "GET only is supported.")
+                .with_allow("GET"),
+        );
+    }
+    Ok(respond::text(body))
+}
+
+fn not_found() -> ApiError {
+    ApiError::not_found(Reason::UnknownInstance, "Instance not found.")
+}
+
+/// Identifies the calling instance: by its client certificate (`urn:uuid:<id>` SAN; the tenant is
+/// then whatever the registry says), or by the proxy's signed headers, checked in Nova's order:
+/// 400 for missing or repeated headers, 403 for a bad signature, 404 for an unknown instance or a
+/// tenant that does not own it (the same answer for both). In `mtls+signature` mode the headers
+/// count only on a connection with the metadata proxy's client certificate.
+fn identify(
+    app: &App,
+    ex: &mut Exchange,
+    headers: &HeaderMap,
+) -> Result<(InstanceId, Option<ProjectId>), ApiError> {
+    let conn = ex.conn.clone();
+    if let Some(id) = conn
+        .client_cert
+        .as_ref()
+        .and_then(|c| c.instance_id.clone())
+    {
+        let facts = &mut ex.facts;
+        facts.caller.auth = AuthMethod::ClientCertificate;
+        facts.caller.kind = CallerKind::Instance;
+        facts.caller.instance_id = Some(id.to_string());
+        facts.caller.credential_fingerprint = facts.client_certificate.clone();
+        facts.target_instance = Some(id.to_string());
+        let sent = [INSTANCE_ID_HEADER, TENANT_ID_HEADER, SIGNATURE_HEADER];
+        if sent.iter().any(|h| headers.contains_key(*h)) {
+            return Err(ApiError::bad_request(
+                Reason::BadRequest,
+                "Proxy headers are not accepted on a connection with an instance certificate.",
+            ));
+        }
+        if let Err(limited) = app.limiters.instance(id.as_str()) {
+            return Err(super::rate_limited(app, ex, limited));
+        }
+        return Ok((id, None));
+    }
+
+    let from_proxy = conn
+        .client_cert
+        .as_ref()
+        .is_some_and(|c| c.is_proxy(&app.instance_auth.proxy_cert_names));
+    let (claim, verdict) = app.signer.verify(headers);
+    let facts = &mut ex.facts;
+    facts.caller.auth = AuthMethod::ProxySignature;
+    facts.caller.claimed_instance = claim.instance_id.as_deref().map(bounded);
+    facts.caller.claimed_tenant = claim.tenant_id.as_deref().map(bounded);
+    if app.instance_auth.proxy_auth == ProxyAuth::MtlsAndSignature && !from_proxy {
+        // Proxy headers from anyone but the proxy are a failed authentication, as a bad signature is.
+        app.limiters.failed_auth(facts.client);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            Reason::ProxyCertificateRequired,
+            "Signed proxy headers are accepted only from the metadata proxy's client certificate.",
+        ));
+    }
+    verdict.map_err(|e| {
+        let reason = match e {
+            ProxyHeaderError::Missing(_) => Reason::MissingHeader,
+            ProxyHeaderError::Duplicate(_) => Reason::DuplicateHeader,
+            ProxyHeaderError::NotText(_) => Reason::InvalidHeader,
+            ProxyHeaderError::BadSignature => {
+                app.limiters.failed_auth(facts.client);
+                return ApiError::new(StatusCode::FORBIDDEN, Reason::BadSignature, e.to_string());
+            }
+        };
+        ApiError::bad_request(reason, e.to_string())
+    })?;
+    let (instance, tenant) = (
+        claim.instance_id.unwrap_or_default(),
+        claim.tenant_id.unwrap_or_default(),
+    );
+    if let Err(limited) = app.limiters.instance(&instance) {
+        return Err(super::rate_limited(app, ex, limited));
+    }
+    let facts = &mut ex.facts;
+    facts.caller.kind = CallerKind::Instance;
+    facts.target_instance = Some(bounded(&instance));
+    let id = InstanceId::parse(&instance).map_err(|_| not_found())?;
+    facts.caller.instance_id = Some(id.to_string());
+    let tenant = ProjectId::parse(&tenant).map_err(|_| {
+        let mut e = not_found();
+        e.reason = Reason::TenantMismatch;
+        e
+    })?;
+    Ok((id, Some(tenant)))
+}
+
+/// Checks that the claimed tenant (if the proxy claimed one) owns the instance, and that policy
+/// lets the instance act on itself.
+fn check_owner(
+    app: &App,
+    ex: &mut Exchange,
+    id: &InstanceId,
+    tenant: Option<&ProjectId>,
+    owner: &str,
+    action: Action,
+) -> Result<(), ApiError> {
+    ex.facts.target_project = Some(owner.to_owned());
+    if tenant.is_some_and(|t| t.as_str() != owner) {
+        let mut e = not_found();
+        e.reason = Reason::TenantMismatch;
+        return Err(e);
+    }
+    ex.facts.caller.project_id = Some(owner.to_owned());
+    let principal = Principal::Instance {
+        instance_id: id.as_str(),
+    };
+    let target = Target {
+        instance_id: id.as_str(),
+        project: Some(owner),
+    };
+    ex.authorize(app, principal, action, target, &not_found())
+}
+
+async fn get_password(
+    app: &App,
+    ex: &mut Exchange,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, ApiError> {
+    ex.facts.operation = Action::PasswordGet.as_str();
+    ex.facts.activity = Activity::Read;
+    let (id, tenant) = identify(app, ex, headers)?;
+    let record = app
+        .store
+        .password(&id)
+        .await
+        .map_err(|e| store_failure(&e))?;
+    let record = record.ok_or_else(not_found)?;
+    check_owner(
+        app,
+        ex,
+        &id,
+        tenant.as_ref(),
+        &record.instance.project_id,
+        Action::PasswordGet,
+    )?;
+    let version = record.instance.password_version;
+    ex.facts.record_version = Some(version);
+    if !record.instance.password_set {
+        // No password: an empty 200 (cloudbase-init reads a 404 as an error). Chunks without the
+        // flag mean someone wrote to the store behind metapass's back.
+        return if record.chunks.is_empty() {
+            Ok(respond::text(Bytes::new()))
+        } else {
+            Err(ApiError::integrity())
+        };
+    }
+    let sealed = chunks::join(PASSWORD_FIELD, &record.chunks).map_err(|_| ApiError::integrity())?;
+    let binding = RecordBinding {
+        instance_id: id.as_str(),
+        field: PASSWORD_FIELD,
+        version,
+    };
+    let plaintext = app
+        .keyring()
+        .open(&binding, &sealed)
+        .map_err(|_| ApiError::integrity())?;
+    ex.facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(&plaintext));
+    Ok(respond::text(Bytes::copy_from_slice(&plaintext)))
+}
+
+fn answer_set(outcome: &SetOutcome, facts: &mut Facts) -> Result<StatusCode, ApiError> {
+    match *outcome {
+        SetOutcome::Stored { version } => {
+            facts.record_version = Some(version);
+            Ok(StatusCode::OK)
+        }
+        SetOutcome::AlreadySet => Err(already_set()),
+        SetOutcome::NotFound => Err(not_found()),
+        SetOutcome::ProjectMismatch => {
+            let mut e = not_found();
+            e.reason = Reason::TenantMismatch;
+            Err(e)
+        }
+    }
+}
+
+fn already_set() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        Reason::Conflict,
+        "A password is already set for this instance.",
+    )
+}
+
+async fn post_password<B: super::RequestBody>(
+    app: &App,
+    ex: &mut Exchange,
+    headers: &HeaderMap,
+    body: B,
+) -> Result<Response<Body>, ApiError> {
+    ex.facts.operation = Action::PasswordSet.as_str();
+    ex.facts.activity = Activity::Create;
+    let (id, tenant) = identify(app, ex, headers)?;
+    let record = app
+        .store
+        .instance(&id)
+        .await
+        .map_err(|e| store_failure(&e))?;
+    let record = record.ok_or_else(not_found)?;
+    check_owner(
+        app,
+        ex,
+        &id,
+        tenant.as_ref(),
+        &record.project_id,
+        Action::PasswordSet,
+    )?;
+    // The compare-and-set re-checks the owner: the proxy's claim, or (certificate identity) the
+    // project just read.
+    let tenant = match tenant {
+        Some(t) => t,
+        None => ProjectId::parse(&record.project_id).map_err(|_| ApiError::integrity())?,
+    };
+    if record.password_set {
+        // Answer early without reading the body; the compare-and-set below decides for real.
+        return Err(already_set().closing());
+    }
+
+    let body_deadline = ex
+        .deadline
+        .min(Instant::now() + app.limits.body_read_timeout());
+    let body = match read_limited(body, MAX_PLAINTEXT_LEN, body_deadline).await {
+        Ok(body) => body,
+        Err(e) => {
+            ex.facts.body_bytes = e.bytes_read();
+            let (reason, message) = match e {
+                BodyError::TooLarge { .. } => (Reason::BodyTooLarge, "Request is too large."),
+                BodyError::Timeout { .. } => (
+                    Reason::BodyTimeout,
+                    "The request body did not arrive in time.",
+                ),
+                BodyError::Broken { .. } => {
+                    (Reason::BadRequest, "The request body could not be read.")
+                }
+            };
+            return Err(ApiError::bad_request(reason, message).closing());
+        }
+    };
+    ex.facts.body_bytes = body.len();
+    validate_password(&body).map_err(|e| {
+        let (reason, message) = match e {
+            PasswordBodyError::Empty => (Reason::BodyEmpty, "Request body is empty."),
+            PasswordBodyError::NotUtf8 => (Reason::BodyInvalid, "Request body is not valid UTF-8."),
+            PasswordBodyError::ControlCharacter => (
+                Reason::BodyInvalid,
+                "Request body contains NUL or control characters.",
+            ),
+        };
+        ApiError::bad_request(reason, message)
+    })?;
+    ex.facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(&body));
+
+    let keyring = app.keyring();
+    let key_id = keyring.active_key_id();
+    ex.facts.key_id = Some(key_id);
+    let instance = id.to_string();
+    let seal = Box::new(move |version: u64| {
+        let binding = RecordBinding {
+            instance_id: &instance,
+            field: PASSWORD_FIELD,
+            version,
+        };
+        keyring.seal(&binding, &body)
+    });
+    let (gate, invoked) = ex.gate(app, answer_set);
+    let result = app
+        .store
+        .set_password_once(&id, &tenant, key_id, seal, gate)
+        .await;
+    ex.settle_gate(&invoked, &result);
+    let outcome = result.map_err(|e| store_failure(&e))?;
+    answer_set(&outcome, &mut ex.facts)?;
+    Ok(respond::text(Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_exact() {
+        use InstanceRoute::*;
+        for (path, want) in [
+            ("/openstack", Versions),
+            ("/openstack/", Versions),
+            ("/openstack/latest", Version),
+            ("/openstack/2013-04-04/", Version),
+            ("/openstack/latest/password", Password),
+            ("/openstack/2013-04-04/password", Password),
+            ("/openstack/2025-04-04/password", Password),
+            ("/openstack/2012-08-10/password", NotFound),
+            ("/openstack/2013-04-05/password", NotFound),
+            ("/openstack/latest/password/", NotFound),
+            ("/openstack/latest//password", NotFound),
+            ("/openstack//latest/password", NotFound),
+            ("/openstack/../admin", NotFound),
+            ("/openstack/%2e%2e/admin", NotFound),
+            ("/openstack/latest/%70assword", NotFound),
+            ("/openstackx", NotFound),
+            ("/openstack/latest/meta_data.json", NotFound),
+        ] {
+            assert_eq!(route(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn password_bodies() {
+        assert_eq!(validate_password(b"abc+/=="), Ok("abc+/=="));
+        assert_eq!(
+            validate_password(b"line1\nline2\r\n\t"),
+            Ok("line1\nline2\r\n\t")
+        );
+        assert_eq!(validate_password(b""), Err(PasswordBodyError::Empty));
+        assert_eq!(
+            validate_password(b"a\0b"),
+            Err(PasswordBodyError::ControlCharacter)
+        );
+        assert_eq!(
+            validate_password(b"a\x1bb"),
+            Err(PasswordBodyError::ControlCharacter)
+        );
+        assert_eq!(
+            validate_password(b"a\x7fb"),
+            Err(PasswordBodyError::ControlCharacter)
+        );
+        assert_eq!(
+            validate_password("a\u{85}b".as_bytes()),
+            Err(PasswordBodyError::ControlCharacter)
+        );
+        assert_eq!(
+            validate_password(b"\xff\xfe"),
+            Err(PasswordBodyError::NotUtf8)
+        );
+        assert_eq!(
+            validate_password(b"\xc0\xaf"),
+            Err(PasswordBodyError::NotUtf8)
+        );
+    }
+}

@@ -1,0 +1,714 @@
+//! Routes and handlers.
+//!
+//! Every request becomes an [`Exchange`]: the audit facts begin when it arrives, handlers add to
+//! them, and [`finish`] records exactly one event before the answer leaves. A read's event is
+//! written before the secret is sent; a mutation's event is made durable *inside* the store
+//! transaction, before the commit (through the store's gate, see [`Exchange::gate`]), so that no
+//! change is ever committed without its audit record.
+//!
+//! Each request runs in its own task: if the client goes away mid-request, the handler still runs
+//! to its end and its event is still written; a panic becomes a 500 with an `internal` event.
+
+pub mod admin;
+pub mod body;
+pub mod compute;
+pub mod health;
+pub mod keys;
+pub mod metadata;
+pub mod respond;
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::audit::event::{bounded, encode};
+use crate::audit::{
+    AuditError, AuditKeys, Auditor, AuthMethod, CallerKind, Decision, Durability, Facts, Reason,
+    WriterConfig,
+};
+use crate::config::{Config, InstanceAuth, Limits, ListenerConfig, StoreConfig};
+use crate::identity::{AUTH_TOKEN_HEADER, ClientCert, ProxySigner, Role, TokenEntry, TokenTable};
+use crate::limits::{Limited, Limiters};
+use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RequestLabels, SurfaceLabels};
+use crate::policy::{Action, Policy, Principal, Refusal, Target};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Gate, GateDenied, StoreError};
+use respond::{ApiError, Body};
+
+/// A request body the handlers can read: hyper's `Incoming` on the wire, `Full<Bytes>` in fuzz
+/// targets and benchmarks.
+pub trait RequestBody:
+    hyper::body::Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: hyper::body::Body<Data = Bytes, Error: std::error::Error + Send + Sync + 'static>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
+/// Everything a request may need, shared by all connections.
+pub struct App {
+    /// The store.
+    pub store: SqliteStore,
+    /// The data keys in use (swapped on reload) and the rewrap state.
+    pub keys: keys::KeyState,
+    /// The audit log.
+    pub auditor: Auditor,
+    /// Verifies the metadata proxy's signatures.
+    pub signer: ProxySigner,
+    /// Accepted tokens.
+    pub tokens: TokenTable,
+    /// The access policy.
+    pub policy: Policy,
+    /// Request bounds.
+    pub limits: Limits,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Rate limits.
+    pub limiters: Limiters,
+    /// How instances are identified (proxy-header mode, proxy certificate names).
+    pub instance_auth: InstanceAuth,
+    /// Set when shutdown begins: readiness turns false.
+    pub shutting_down: AtomicBool,
+}
+
+impl App {
+    /// Opens everything the configuration names: the store, the audit log (continuing its
+    /// chain), the metrics, the limiters. Must be called inside a Tokio runtime.
+    pub fn open(config: Config) -> Result<Self, String> {
+        let store = match &config.store {
+            StoreConfig::Sqlite { path } => SqliteStore::open(path).map_err(|e| e.to_string())?,
+        };
+        let keys =
+            AuditKeys::derive(config.audit.secret.expose_secret()).map_err(|e| e.to_string())?;
+        let metrics = Arc::new(Metrics::new());
+        let auditor = Auditor::start(
+            WriterConfig {
+                dir: config.audit.dir.clone(),
+                sync: config.audit.sync,
+                max_file_bytes: config.audit.max_file_bytes,
+                queue_capacity: config.audit.queue_capacity,
+                ack_timeout: config.audit.ack_timeout,
+            },
+            Arc::new(keys),
+            metrics.audit.clone(),
+        )
+        .map_err(|e| format!("audit log {}: {e}", config.audit.dir.display()))?;
+        Ok(Self {
+            store,
+            keys: keys::KeyState::new(config.keyring, config.keys),
+            auditor,
+            signer: ProxySigner::new(&config.proxy_secret),
+            tokens: config.tokens,
+            policy: config.policy,
+            limits: config.limits,
+            metrics,
+            limiters: Limiters::new(&config.rate_limits),
+            instance_auth: config.instance_auth,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The TCP peer, or the source a trusted proxy's PROXY header named.
+    pub peer: SocketAddr,
+    /// The load balancer that sent a PROXY header, if one did.
+    pub proxied_by: Option<SocketAddr>,
+    /// The negotiated TLS version (`None` on a plain-HTTP listener).
+    pub tls_version: Option<&'static str>,
+    /// The verified client certificate, if one was presented.
+    pub client_cert: Option<ClientCert>,
+    /// The listener the connection arrived on.
+    pub listener: Arc<ListenerConfig>,
+}
+
+impl ConnInfo {
+    /// Facts for a request on this connection.
+    fn facts(&self) -> Facts {
+        let mut facts = Facts::new(self.peer, self.tls_version);
+        facts.proxied_by = self.proxied_by;
+        facts.listener = self.listener.name.clone();
+        facts
+    }
+}
+
+/// What became of the event a mutation's gate submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GateEvent {
+    /// No gate ran: [`finish`] records the event.
+    None,
+    /// The gate's event is the request's event.
+    Recorded,
+    /// The gate submitted an event but the store did not commit: [`finish`] records a correction.
+    NeedsCorrection,
+}
+
+/// One request in flight: its connection, its audit facts and its deadline.
+pub struct Exchange {
+    /// The connection it arrived on.
+    pub conn: Arc<ConnInfo>,
+    /// The audit facts, filled in as the request proceeds.
+    pub facts: Facts,
+    /// When the whole request must be done.
+    pub deadline: Instant,
+    /// Close the HTTP/1 connection after answering (the request used `Transfer-Encoding`, whose
+    /// framing an intermediary may have read differently).
+    close_after: bool,
+    gate_event: GateEvent,
+}
+
+impl Exchange {
+    /// Records a policy decision and turns a refusal into its answer: 403 when the caller may know
+    /// the target exists, 404 (exactly as for a missing instance) otherwise.
+    pub fn authorize(
+        &mut self,
+        app: &App,
+        principal: Principal<'_>,
+        action: Action,
+        target: Target<'_>,
+        not_found: &ApiError,
+    ) -> Result<(), ApiError> {
+        let verdict = app.policy.decide(principal, action, target);
+        self.facts.decision = Some(Decision {
+            allowed: verdict.allowed(),
+            action: action.as_str(),
+            rule: verdict.rule,
+        });
+        match verdict.refusal {
+            None => Ok(()),
+            Some(Refusal::Forbidden) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                Reason::Forbidden,
+                format!("Policy does not allow {} to be performed.", action.as_str()),
+            )),
+            Some(Refusal::NotVisible) => {
+                // The same answer either way; the audit reason tells a reviewer which it was.
+                let mut e = not_found.clone();
+                if target.project.is_some() {
+                    e.reason = Reason::NotOwner;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A store gate that records this request's event, durably, before the store commits.
+    ///
+    /// `answer` maps the outcome to the answer (a status, or the refusal) and may add facts (the
+    /// record version); the handler calls the same function on the returned outcome, so the event
+    /// and the answer cannot disagree.
+    pub fn gate<O: 'static>(
+        &mut self,
+        app: &App,
+        answer: fn(&O, &mut Facts) -> Result<StatusCode, ApiError>,
+    ) -> (Gate<O>, Arc<AtomicBool>) {
+        gate_recording(self.facts.clone(), app, answer)
+    }
+
+    /// After a gated store call: notes whether the gate's event stands as the request's event.
+    pub fn settle_gate<O>(&mut self, invoked: &AtomicBool, result: &Result<O, StoreError>) {
+        settle(&mut self.gate_event, invoked, result);
+    }
+}
+
+/// A gate that records `facts` (completed by `answer` from the outcome) durably before the store
+/// commits; the flag says whether the store called it.
+fn gate_recording<O: 'static>(
+    mut facts: Facts,
+    app: &App,
+    answer: fn(&O, &mut Facts) -> Result<StatusCode, ApiError>,
+) -> (Gate<O>, Arc<AtomicBool>) {
+    let invoked = Arc::new(AtomicBool::new(false));
+    let flag = invoked.clone();
+    let auditor = app.auditor.clone();
+    let gate: Gate<O> = Box::new(move |outcome: &O| {
+        flag.store(true, Ordering::SeqCst);
+        let status = match answer(outcome, &mut facts) {
+            Ok(status) => status,
+            Err(refusal) => {
+                facts.reason = refusal.reason;
+                facts.detail = Some(refusal.message.to_string());
+                refusal.status
+            }
+        };
+        let line = encode(&facts, status.as_u16(), facts.started.elapsed());
+        let ticket = auditor.submit(line, Durability::Durable);
+        Box::pin(async move { ticket.wait().await.map_err(|e| GateDenied(e.to_string())) })
+    });
+    (gate, invoked)
+}
+
+fn settle<O>(state: &mut GateEvent, invoked: &AtomicBool, result: &Result<O, StoreError>) {
+    if !invoked.load(Ordering::SeqCst) {
+        return;
+    }
+    *state = match result {
+        Ok(_) => GateEvent::Recorded,
+        Err(_) => GateEvent::NeedsCorrection,
+    };
+}
+
+/// Something audited that may change the store through a gate: a request ([`Exchange`]) or an
+/// operation metapass performs by itself ([`SystemTask`]).
+pub trait Audited {
+    /// The event's facts.
+    fn facts(&mut self) -> &mut Facts;
+    /// A gate recording this event before the store commits (see [`Exchange::gate`]).
+    fn gate<O: 'static>(
+        &mut self,
+        app: &App,
+        answer: fn(&O, &mut Facts) -> Result<StatusCode, ApiError>,
+    ) -> (Gate<O>, Arc<AtomicBool>);
+    /// After a gated store call (see [`Exchange::settle_gate`]).
+    fn settle_gate<O>(&mut self, invoked: &AtomicBool, result: &Result<O, StoreError>);
+}
+
+impl Audited for Exchange {
+    fn facts(&mut self) -> &mut Facts {
+        &mut self.facts
+    }
+    fn gate<O: 'static>(
+        &mut self,
+        app: &App,
+        answer: fn(&O, &mut Facts) -> Result<StatusCode, ApiError>,
+    ) -> (Gate<O>, Arc<AtomicBool>) {
+        Exchange::gate(self, app, answer)
+    }
+    fn settle_gate<O>(&mut self, invoked: &AtomicBool, result: &Result<O, StoreError>) {
+        Exchange::settle_gate(self, invoked, result);
+    }
+}
+
+/// An operation metapass performs by itself (a keyring load, a rewrap): audited exactly like a
+/// request, with caller `System`.
+pub struct SystemTask {
+    /// The event's facts.
+    pub facts: Facts,
+    gate_event: GateEvent,
+}
+
+impl SystemTask {
+    /// A task named `operation` (its `api.operation`).
+    pub fn new(operation: &'static str, activity: crate::audit::Activity) -> Self {
+        Self {
+            facts: Facts::system(operation, activity),
+            gate_event: GateEvent::None,
+        }
+    }
+
+    /// Records the task's event with `status`, unless its gate already did; after a gate whose
+    /// store call failed, records the correction. Durable either way.
+    pub async fn finish(mut self, app: &App, status: u16) -> Result<(), AuditError> {
+        let correction = match self.gate_event {
+            GateEvent::Recorded => return Ok(()),
+            GateEvent::None => false,
+            GateEvent::NeedsCorrection => true,
+        };
+        self.facts.corrects_earlier_event = correction;
+        let line = encode(&self.facts, status, self.facts.started.elapsed());
+        app.auditor.record(line, Durability::Durable).await
+    }
+
+    /// Ends the task as refused by `error` (reason, detail and status from it).
+    pub async fn fail(mut self, app: &App, error: &ApiError) -> Result<(), AuditError> {
+        self.facts.reason = error.reason;
+        self.facts.detail = Some(error.message.to_string());
+        self.finish(app, error.status.as_u16()).await
+    }
+}
+
+impl Audited for SystemTask {
+    fn facts(&mut self) -> &mut Facts {
+        &mut self.facts
+    }
+    fn gate<O: 'static>(
+        &mut self,
+        app: &App,
+        answer: fn(&O, &mut Facts) -> Result<StatusCode, ApiError>,
+    ) -> (Gate<O>, Arc<AtomicBool>) {
+        gate_recording(self.facts.clone(), app, answer)
+    }
+    fn settle_gate<O>(&mut self, invoked: &AtomicBool, result: &Result<O, StoreError>) {
+        settle(&mut self.gate_event, invoked, result);
+    }
+}
+
+/// Maps a failed store call to its answer.
+pub fn store_failure(error: &StoreError) -> ApiError {
+    match error {
+        StoreError::GateRefused { .. } => ApiError::audit_unavailable(),
+        StoreError::Corrupt(_) => ApiError::integrity(),
+        StoreError::KeyExhausted(_) => ApiError::key_exhausted(),
+        _ => ApiError::store_unavailable(),
+    }
+}
+
+fn http_version(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/?",
+    }
+}
+
+/// Serves one request: a task of its own, so it completes (and is audited) even if the client
+/// leaves.
+pub async fn serve<B: RequestBody>(
+    app: Arc<App>,
+    conn: Arc<ConnInfo>,
+    req: Request<B>,
+) -> Response<Body> {
+    let task = tokio::spawn(handle(app, conn, req));
+    match task.await {
+        Ok(response) => response,
+        // `handle` catches panics itself; a join error means the runtime is shutting down.
+        Err(_) => respond::empty(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+async fn handle<B: RequestBody>(
+    app: Arc<App>,
+    conn: Arc<ConnInfo>,
+    req: Request<B>,
+) -> Response<Body> {
+    let mut facts = conn.facts();
+    if let Some(cert) = &conn.client_cert {
+        facts.client_certificate = Some(
+            app.auditor
+                .keys()
+                .fingerprint(hex::encode(cert.sha256).as_bytes()),
+        );
+    }
+    facts.http_version = http_version(req.version());
+    facts.method = bounded(req.method().as_str());
+    facts.path = bounded(req.uri().path());
+    facts.user_agent = req
+        .headers()
+        .get(http::header::USER_AGENT)
+        .map(|v| bounded(&String::from_utf8_lossy(v.as_bytes())));
+    let deadline = facts.started + app.limits.request_timeout();
+    let close_after = req.version() < http::Version::HTTP_2
+        && req.headers().contains_key(http::header::TRANSFER_ENCODING);
+    let mut ex = Exchange {
+        conn,
+        facts,
+        deadline,
+        close_after,
+        gate_event: GateEvent::None,
+    };
+    let routed = AssertUnwindSafe(route(&app, &mut ex, req))
+        .catch_unwind()
+        .await;
+    let response = match routed {
+        Ok(Ok(response)) => response,
+        Ok(Err(e)) => respond::error(&mut ex.facts, &e),
+        Err(_) => {
+            tracing::error!(request_id = %ex.facts.request_id, "handler panicked");
+            respond::error(&mut ex.facts, &ApiError::internal())
+        }
+    };
+    finish(&app, ex, response).await
+}
+
+/// The answer to a request over a rate limit: 503 on the instance API (the Neutron proxy turns a
+/// 429 into a 500 for the guest), 429 elsewhere; `Retry-After` in whole seconds, rounded up.
+pub fn rate_limited(app: &App, ex: &Exchange, limited: Limited) -> ApiError {
+    app.metrics
+        .rate_limit_hits
+        .get_or_create(&LimitLabels {
+            limit: limited.limit,
+        })
+        .inc();
+    let status = if ex.facts.surface == crate::audit::Surface::Instance {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    ApiError::new(
+        status,
+        Reason::RateLimited,
+        format!(
+            "Rate limit exceeded ({}); retry after {} s.",
+            limited.limit, limited.retry_after_secs
+        ),
+    )
+    .with_retry_after(limited.retry_after_secs)
+}
+
+/// Refuses a `Transfer-Encoding` other than exactly `chunked` (`chunked, chunked` and the like are
+/// request-smuggling shapes that hyper would accept, since it checks only the last coding). hyper
+/// already refuses a last coding other than `chunked`, and resolves `Content-Length` together with
+/// `Transfer-Encoding` itself (the latter wins and the length is dropped); for that case RFC 9112
+/// asks the server to close the connection, which [`finish`] does for every request that used
+/// `Transfer-Encoding`.
+pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
+    let mut encodings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|e| e.trim_ascii().to_ascii_lowercase());
+    match (encodings.next(), encodings.next()) {
+        (None, _) => None,
+        (Some(first), None) if first == b"chunked" => None,
+        _ => Some("Transfer-Encoding must be exactly \"chunked\"."),
+    }
+}
+
+/// The surface a path belongs to, before routing (for the answer to a pre-authentication refusal).
+fn surface_of(path: &str) -> crate::audit::Surface {
+    use crate::audit::Surface;
+    if path == "/openstack" || path.starts_with("/openstack/") {
+        Surface::Instance
+    } else if path.starts_with("/admin/") {
+        Surface::Admin
+    } else if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        Surface::Ops
+    } else if compute::owns(path) {
+        Surface::Compute
+    } else {
+        Surface::Unknown
+    }
+}
+
+async fn route<B: RequestBody>(
+    app: &App,
+    ex: &mut Exchange,
+    req: Request<B>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path();
+    ex.facts.surface = surface_of(path);
+    // Who the client is (behind trusted proxies) comes first: it is what the source limit counts.
+    let source = crate::forwarded::resolve(&ex.conn.listener, ex.facts.peer.ip(), req.headers());
+    let source = match source {
+        Ok(source) => source,
+        Err(malformed) => {
+            ex.facts.forwarded_for_raw = req
+                .headers()
+                .get("forwarded")
+                .or_else(|| req.headers().get("x-forwarded-for"))
+                .map(|v| bounded(&String::from_utf8_lossy(v.as_bytes())));
+            return Err(ApiError::bad_request(Reason::InvalidHeader, malformed.0));
+        }
+    };
+    ex.facts.client = source.client;
+    ex.facts.forwarded_for = source.chain;
+    ex.facts.forwarded = source.verdict;
+    if source.ignored.is_some() {
+        ex.facts.forwarded_for_raw = source.ignored;
+    }
+    if let Err(limited) = app.limiters.before_auth(ex.facts.client) {
+        return Err(rate_limited(app, ex, limited));
+    }
+    if !ex.conn.listener.serves(ex.facts.surface) {
+        return Err(ApiError::not_found(Reason::NotFound, "No such resource."));
+    }
+    if let Some(problem) = ambiguous_framing(req.headers()) {
+        return Err(ApiError::bad_request(Reason::MalformedRequest, problem).closing());
+    }
+    if path == "/openstack" || path.starts_with("/openstack/") {
+        metadata::handle(app, ex, req).await
+    } else if path.starts_with("/admin/") {
+        admin::handle(app, ex, req).await
+    } else if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        health::handle(app, ex, req).await
+    } else if compute::owns(path) {
+        compute::handle(app, ex, req).await
+    } else {
+        Err(ApiError::not_found(Reason::NotFound, "No such resource."))
+    }
+}
+
+/// Records the request's event (unless its gate already did) and releases the answer only once
+/// it is recorded. If the log cannot record it, the answer becomes a 503 that releases nothing.
+async fn finish(app: &App, mut ex: Exchange, mut response: Response<Body>) -> Response<Body> {
+    let record = match ex.gate_event {
+        GateEvent::Recorded => None,
+        GateEvent::None => Some(false),
+        GateEvent::NeedsCorrection => Some(true),
+    };
+    if let Some(correction) = record {
+        ex.facts.corrects_earlier_event = correction;
+        let status = response.status().as_u16();
+        let line = encode(&ex.facts, status, ex.facts.started.elapsed());
+        if let Err(e) = app.auditor.record(line, Durability::Written).await {
+            response = audit_refusal(app, &mut ex, &e);
+        }
+    }
+    if let Ok(id) = HeaderValue::from_str(ex.facts.request_id.as_str()) {
+        response.headers_mut().insert("x-request-id", id);
+    }
+    if ex.close_after {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    count(app, &ex.facts, response.status());
+    response
+}
+
+/// Counts an answered request in the metrics.
+fn count(app: &App, facts: &Facts, status: StatusCode) {
+    let surface = surface_name(facts.surface);
+    let m = &app.metrics;
+    m.requests
+        .get_or_create(&RequestLabels {
+            surface,
+            operation: facts.operation,
+            status: status.as_u16(),
+        })
+        .inc();
+    m.request_seconds
+        .get_or_create(&SurfaceLabels { surface })
+        .observe(facts.started.elapsed().as_secs_f64());
+    if facts.reason != Reason::Ok {
+        m.refusals
+            .get_or_create(&ReasonLabels {
+                reason: crate::audit::event::reason_str(facts.reason),
+            })
+            .inc();
+    }
+}
+
+fn surface_name(surface: crate::audit::Surface) -> &'static str {
+    use crate::audit::Surface::*;
+    match surface {
+        Instance => "instance",
+        Compute => "compute",
+        Admin => "admin",
+        Ops => "ops",
+        Unknown => "unknown",
+    }
+}
+
+/// The answer when the event could not be recorded. A correction event is queued (without
+/// waiting) so that, if the first event does land later, the log also says what was answered.
+fn audit_refusal(app: &App, ex: &mut Exchange, error: &AuditError) -> Response<Body> {
+    tracing::error!(request_id = %ex.facts.request_id, error = %error, "audit event not recorded; failing closed");
+    let response = respond::error(&mut ex.facts, &ApiError::audit_unavailable());
+    ex.facts.corrects_earlier_event = true;
+    let line = encode(
+        &ex.facts,
+        response.status().as_u16(),
+        ex.facts.started.elapsed(),
+    );
+    drop(app.auditor.submit(line, Durability::Written));
+    response
+}
+
+/// Records an event metapass caused itself (`operation`, e.g. `tls:reload`), with `reason` and a
+/// `detail` that must not contain secrets.
+pub async fn record_system_event(
+    app: &App,
+    operation: &'static str,
+    reason: Reason,
+    detail: String,
+) {
+    let mut facts = Facts::system(operation, crate::audit::Activity::Update);
+    facts.reason = reason;
+    facts.detail = Some(detail);
+    let status = if reason == Reason::Ok { 200 } else { 500 };
+    let line = encode(&facts, status, facts.started.elapsed());
+    if let Err(e) = app.auditor.record(line, Durability::Durable).await {
+        tracing::error!(error = %e, operation, "could not audit a system event");
+    }
+}
+
+/// Records a request that hyper refused before it became a request (unparseable HTTP, an oversize
+/// head): hyper has already answered `status`; this is its audit event.
+pub async fn audit_unparsed_request(
+    app: &App,
+    conn: &ConnInfo,
+    status: StatusCode,
+    reason: Reason,
+) {
+    let mut facts = conn.facts();
+    facts.operation = "http:unparsed";
+    facts.reason = reason;
+    facts.detail = Some(format!("hyper answered {status} before routing"));
+    let line = encode(&facts, status.as_u16(), facts.started.elapsed());
+    if let Err(e) = app.auditor.record(line, Durability::Written).await {
+        tracing::error!(error = %e, "could not audit an unparsed request");
+    }
+}
+
+/// Authenticates an `X-Auth-Token` and records the caller. Missing, repeated or unknown tokens are
+/// 401 (a repeated header is ambiguous, so it proves nothing).
+pub fn authenticate_token<'a>(
+    app: &'a App,
+    ex: &mut Exchange,
+    headers: &HeaderMap,
+) -> Result<&'a TokenEntry, ApiError> {
+    let unauthenticated = |message: &'static str| {
+        ApiError::new(StatusCode::UNAUTHORIZED, Reason::Unauthenticated, message)
+    };
+    ex.facts.caller.auth = AuthMethod::Token;
+    let mut values = headers.get_all(AUTH_TOKEN_HEADER).iter();
+    let token = match (values.next(), values.next()) {
+        (None, _) => {
+            return Err(unauthenticated(
+                "Authentication required: send X-Auth-Token.",
+            ));
+        }
+        (Some(_), Some(_)) => return Err(unauthenticated("X-Auth-Token appears more than once.")),
+        (Some(v), None) => v,
+    };
+    ex.facts.caller.credential_fingerprint = Some(app.auditor.keys().fingerprint(token.as_bytes()));
+    let token = SecretString::from(String::from_utf8_lossy(token.as_bytes()).into_owned());
+    let Some(entry) = app.tokens.lookup(&token) else {
+        app.limiters.failed_auth(ex.facts.client);
+        return Err(unauthenticated("The token is not valid."));
+    };
+    if let Some(bound) = &entry.client_cert_sha256 {
+        use subtle::ConstantTimeEq;
+        let presented = ex
+            .conn
+            .client_cert
+            .as_ref()
+            .map(|c| c.sha256)
+            .unwrap_or([0; 32]);
+        if !bool::from(presented.ct_eq(bound)) {
+            app.limiters.failed_auth(ex.facts.client);
+            return Err(unauthenticated(
+                "This token is bound to a client certificate; present it.",
+            ));
+        }
+    }
+    let caller = &mut ex.facts.caller;
+    caller.kind = if entry.roles.contains(&Role::Admin) {
+        CallerKind::Admin
+    } else {
+        CallerKind::Owner
+    };
+    caller.project_id = Some(entry.project.to_string());
+    caller.name = Some(entry.label.clone());
+    caller.roles = entry.roles.iter().map(|r| r.as_str()).collect();
+    let key = if entry.roles.contains(&Role::Admin) {
+        format!("admin:{}", entry.label)
+    } else {
+        entry.project.to_string()
+    };
+    if let Err(limited) = app.limiters.project(&key) {
+        return Err(rate_limited(app, ex, limited));
+    }
+    Ok(entry)
+}

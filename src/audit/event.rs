@@ -1,0 +1,939 @@
+//! The audit event: what handlers record about a request, and its OCSF 1.3.0 "API Activity" form.
+//!
+//! Handlers fill [`Facts`] as the request moves along (who called, what they asked, which rule
+//! decided, why it ended); [`encode`] turns the facts and the final HTTP status into one JSON line.
+//! Nothing secret is ever a fact: tokens, certificates and password blobs appear only as keyed
+//! fingerprints (see [`super::AuditKeys::fingerprint`]).
+//!
+//! The line is produced *open*: it ends inside the `metadata` object, which is serialized last, so
+//! that the writer can append `metadata.sequence`, the chain fields and the MAC without parsing it
+//! again (see [`super::chain`]).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::ids::RequestId;
+
+/// The OCSF schema version the events follow.
+pub const OCSF_VERSION: &str = "1.3.0";
+/// metapass's own version of the event layout (the `unmapped.schema` field).
+pub const SCHEMA: &str = "metapass.audit/1";
+/// Attacker-controlled text (paths, claimed ids, user agents) is cut to this many bytes.
+pub const MAX_TEXT: usize = 256;
+
+/// How a request ended, in the terms a reviewer filters by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done as asked.
+    Success,
+    /// Refused because of who is asking or how often: authentication, authorization, rate limits.
+    Denied,
+    /// Refused because of what was asked: bad input, no such thing, conflicting state.
+    Failure,
+    /// metapass could not do it: storage, audit or integrity failures, internal errors.
+    Error,
+}
+
+impl Outcome {
+    /// The snake_case name written in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Denied => "denied",
+            Outcome::Failure => "failure",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// Why a request ended as it did: a stable, documented code (see `SECURITY.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Reason {
+    /// Success.
+    Ok,
+    /// A malformed request not covered by a more specific code.
+    BadRequest,
+    /// HTTP that could not be parsed (request line, header syntax); hyper answered 400.
+    MalformedRequest,
+    /// A request head (line plus headers) over the size or count limits; hyper answered 431.
+    HeadTooLarge,
+    /// A required header is absent.
+    MissingHeader,
+    /// A header that must appear once appears more than once.
+    DuplicateHeader,
+    /// A header value that is not valid (not text, not an address, ...).
+    InvalidHeader,
+    /// No such route, version or resource.
+    NotFound,
+    /// The instance is not registered.
+    UnknownInstance,
+    /// A method the route does not support.
+    MethodNotAllowed,
+    /// The body is longer than the route allows.
+    BodyTooLarge,
+    /// The body is not acceptable (encoding, control characters, JSON shape).
+    BodyInvalid,
+    /// The body is empty where content is required.
+    BodyEmpty,
+    /// The body did not arrive in time.
+    BodyTimeout,
+    /// The request conflicts with the current state (password already set, owned elsewhere).
+    Conflict,
+    /// The instance signature does not match.
+    BadSignature,
+    /// The claimed tenant does not own the instance.
+    TenantMismatch,
+    /// No credentials, or unknown credentials.
+    Unauthenticated,
+    /// Authenticated, but the policy denies the action.
+    Forbidden,
+    /// The target belongs to another project (answered exactly like a missing one).
+    NotOwner,
+    /// Signed proxy headers without the metadata proxy's client certificate (`mtls+signature`).
+    ProxyCertificateRequired,
+    /// A rate limit was hit.
+    RateLimited,
+    /// A stored record failed authentication: tampered, swapped, missing or foreign chunks.
+    Integrity,
+    /// The store could not be reached or failed.
+    StoreUnavailable,
+    /// The audit log could not record the event; nothing was released or changed.
+    AuditUnavailable,
+    /// The store refused to commit after the event was recorded; this event corrects that one.
+    CommitFailed,
+    /// A readiness check found the service not ready.
+    NotReady,
+    /// A certificate reload failed; the previous certificate is still served.
+    CertificateReloadFailed,
+    /// The active data key has sealed its limit; nothing was sealed until keys are rotated.
+    KeyExhausted,
+    /// A keyring was refused (a secret differs from the one that sealed records, or a key that
+    /// records still need is missing); the keys in use stay.
+    KeyringRefused,
+    /// An unexpected internal error.
+    Internal,
+}
+
+impl Reason {
+    /// The outcome class of this reason.
+    pub fn outcome(self) -> Outcome {
+        use Reason::*;
+        match self {
+            Ok => Outcome::Success,
+            BadSignature
+            | TenantMismatch
+            | Unauthenticated
+            | Forbidden
+            | NotOwner
+            | RateLimited
+            | ProxyCertificateRequired => Outcome::Denied,
+            BadRequest | MalformedRequest | HeadTooLarge | MissingHeader | DuplicateHeader
+            | InvalidHeader | NotFound | UnknownInstance | MethodNotAllowed | BodyTooLarge
+            | BodyInvalid | BodyEmpty | BodyTimeout | Conflict => Outcome::Failure,
+            Integrity
+            | StoreUnavailable
+            | AuditUnavailable
+            | CommitFailed
+            | NotReady
+            | CertificateReloadFailed
+            | KeyExhausted
+            | KeyringRefused
+            | Internal => Outcome::Error,
+        }
+    }
+
+    fn severity(self) -> (u8, &'static str) {
+        match (self, self.outcome()) {
+            (Reason::Integrity, _) => (5, "Critical"),
+            (_, Outcome::Success) => (1, "Informational"),
+            (_, Outcome::Failure) => (2, "Low"),
+            (_, Outcome::Denied) => (3, "Medium"),
+            (_, Outcome::Error) => (4, "High"),
+        }
+    }
+}
+
+/// The OCSF API Activity activity of an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Create (POST a password, register an instance).
+    Create,
+    /// Read.
+    Read,
+    /// Update.
+    Update,
+    /// Delete (clear a password, delete an instance).
+    Delete,
+    /// Unknown (no route matched).
+    Unknown,
+}
+
+impl Activity {
+    fn id_and_name(self) -> (u8, &'static str) {
+        match self {
+            Activity::Create => (1, "Create"),
+            Activity::Read => (2, "Read"),
+            Activity::Update => (3, "Update"),
+            Activity::Delete => (4, "Delete"),
+            Activity::Unknown => (0, "Unknown"),
+        }
+    }
+}
+
+/// Who is calling, as far as the request got in finding out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallerKind {
+    /// Not (yet, or not successfully) authenticated.
+    Anonymous,
+    /// A guest instance.
+    Instance,
+    /// A project member or reader with a token.
+    Owner,
+    /// An operator with the admin role.
+    Admin,
+    /// metapass itself (certificate reloads and other events without a request).
+    System,
+}
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    /// No proof (yet).
+    None,
+    /// The metadata proxy's signed `X-Instance-ID` headers.
+    ProxySignature,
+    /// A client certificate.
+    ClientCertificate,
+    /// An `X-Auth-Token`.
+    Token,
+}
+
+/// The caller facts of an event.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// What kind of caller.
+    pub kind: CallerKind,
+    /// How it authenticated.
+    pub auth: AuthMethod,
+    /// The verified instance id (instances only).
+    pub instance_id: Option<String>,
+    /// The caller's project.
+    pub project_id: Option<String>,
+    /// The token's label from the token file (never the token).
+    pub name: Option<String>,
+    /// A keyed fingerprint of the credential (token), `hmac-sha256:<hex>`.
+    pub credential_fingerprint: Option<String>,
+    /// The caller's roles.
+    pub roles: Vec<&'static str>,
+    /// An unverified claimed identity (e.g. the instance id of a request with a bad signature).
+    pub claimed_instance: Option<String>,
+    /// An unverified claimed tenant.
+    pub claimed_tenant: Option<String>,
+}
+
+impl Caller {
+    /// An unauthenticated caller.
+    pub fn anonymous() -> Self {
+        Self {
+            kind: CallerKind::Anonymous,
+            auth: AuthMethod::None,
+            instance_id: None,
+            project_id: None,
+            name: None,
+            credential_fingerprint: None,
+            roles: Vec::new(),
+            claimed_instance: None,
+            claimed_tenant: None,
+        }
+    }
+}
+
+/// Which API surface a request reached (and, in configuration, which surfaces a listener serves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Surface {
+    /// The instance-facing metadata password API.
+    Instance,
+    /// The owner-facing compute API subset.
+    Compute,
+    /// The admin API.
+    Admin,
+    /// Health and metrics.
+    Ops,
+    /// No route matched.
+    Unknown,
+}
+
+/// A policy decision.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Whether the rule allowed the action.
+    pub allowed: bool,
+    /// The action's policy name (`password:get`).
+    pub action: &'static str,
+    /// The rule that decided, as written in the policy.
+    pub rule: String,
+}
+
+/// Everything an event records about one request.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    /// The request id, also sent as `X-Request-Id`.
+    pub request_id: RequestId,
+    /// When the request arrived (wall clock).
+    pub received_at: OffsetDateTime,
+    /// When the request arrived (monotonic, for latency).
+    pub started: Instant,
+    /// The TCP peer (or the source a trusted proxy's PROXY header named).
+    pub peer: SocketAddr,
+    /// The load balancer that sent a PROXY header, if one did.
+    pub proxied_by: Option<SocketAddr>,
+    /// The client: the peer, or the address a trusted proxy's forwarding header named.
+    pub client: IpAddr,
+    /// The addresses a trusted proxy's forwarding header named, remotest first.
+    pub forwarded_for: Vec<IpAddr>,
+    /// What became of the forwarding headers.
+    pub forwarded: crate::forwarded::Verdict,
+    /// A forwarding header as received, when it was ignored or not well-formed (cut to
+    /// [`MAX_TEXT`]).
+    pub forwarded_for_raw: Option<String>,
+    /// The listener the request arrived on.
+    pub listener: String,
+    /// A keyed fingerprint of the client certificate presented, if any.
+    pub client_certificate: Option<String>,
+    /// The negotiated TLS version.
+    pub tls_version: Option<&'static str>,
+    /// The HTTP version.
+    pub http_version: &'static str,
+    /// The request method (cut to [`MAX_TEXT`]).
+    pub method: String,
+    /// The request path without the query (cut to [`MAX_TEXT`]).
+    pub path: String,
+    /// The `User-Agent` (cut to [`MAX_TEXT`]).
+    pub user_agent: Option<String>,
+    /// The API surface.
+    pub surface: Surface,
+    /// The operation name (`password:get`, ...), `unknown` before routing.
+    pub operation: &'static str,
+    /// The OCSF activity.
+    pub activity: Activity,
+    /// Who called.
+    pub caller: Caller,
+    /// The target instance.
+    pub target_instance: Option<String>,
+    /// The target instance's project.
+    pub target_project: Option<String>,
+    /// The policy decision, if one was made.
+    pub decision: Option<Decision>,
+    /// Why the request ended.
+    pub reason: Reason,
+    /// A short human-readable detail (the error message sent; never a secret).
+    pub detail: Option<String>,
+    /// Request body bytes the handler read.
+    pub body_bytes: usize,
+    /// A keyed fingerprint of the stored or posted secret, for correlation.
+    pub secret_fingerprint: Option<String>,
+    /// The sealed record version involved.
+    pub record_version: Option<u64>,
+    /// Set on a correction event: the store did not commit what the earlier event recorded.
+    pub corrects_earlier_event: bool,
+    /// The data key involved: the one a record is sealed under now, or the active key.
+    pub key_id: Option<u32>,
+    /// The data key before: the one a rewrapped record was sealed under, or the previous active key.
+    pub previous_key_id: Option<u32>,
+    /// Every data key held after a keyring load.
+    pub key_ids: Vec<u32>,
+}
+
+/// Cuts attacker-controlled text to at most [`MAX_TEXT`] bytes on a character boundary.
+pub fn bounded(s: &str) -> String {
+    if s.len() <= MAX_TEXT {
+        return s.to_owned();
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl Facts {
+    /// Facts for something metapass did by itself (a certificate reload): no peer, caller
+    /// `System`.
+    pub fn system(operation: &'static str, activity: Activity) -> Self {
+        let mut facts = Self::new(SocketAddr::from(([0, 0, 0, 0], 0)), None);
+        facts.surface = Surface::Ops;
+        facts.operation = operation;
+        facts.activity = activity;
+        facts.caller.kind = CallerKind::System;
+        facts.method = "-".into();
+        facts.path = "-".into();
+        facts
+    }
+
+    /// Facts for a request that just arrived.
+    pub fn new(peer: SocketAddr, tls_version: Option<&'static str>) -> Self {
+        Self {
+            request_id: RequestId::new(),
+            received_at: OffsetDateTime::now_utc(),
+            started: Instant::now(),
+            peer,
+            proxied_by: None,
+            client: peer.ip(),
+            forwarded_for: Vec::new(),
+            forwarded: crate::forwarded::Verdict::None,
+            forwarded_for_raw: None,
+            listener: String::new(),
+            client_certificate: None,
+            tls_version,
+            http_version: "HTTP/1.1",
+            method: String::new(),
+            path: String::new(),
+            user_agent: None,
+            surface: Surface::Unknown,
+            operation: "unknown",
+            activity: Activity::Unknown,
+            caller: Caller::anonymous(),
+            target_instance: None,
+            target_project: None,
+            decision: None,
+            reason: Reason::Ok,
+            detail: None,
+            body_bytes: 0,
+            secret_fingerprint: None,
+            record_version: None,
+            corrects_earlier_event: false,
+            key_id: None,
+            previous_key_id: None,
+            key_ids: Vec::new(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    activity_id: u8,
+    activity_name: &'static str,
+    category_uid: u8,
+    category_name: &'static str,
+    class_uid: u16,
+    class_name: &'static str,
+    type_uid: u32,
+    type_name: String,
+    severity_id: u8,
+    severity: &'static str,
+    time: i64,
+    time_dt: String,
+    duration: u64,
+    status_id: u8,
+    status: &'static str,
+    status_code: String,
+    status_detail: &'static str,
+    message: String,
+    actor: Actor<'a>,
+    api: Api<'a>,
+    cloud: Cloud,
+    src_endpoint: Endpoint,
+    http_request: HttpRequest<'a>,
+    http_response: HttpResponse,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    resources: Vec<Resource<'a>>,
+    unmapped: Unmapped<'a>,
+}
+
+#[derive(Serialize)]
+struct Actor<'a> {
+    user: User<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    authorizations: Vec<Authorization<'a>>,
+}
+
+#[derive(Serialize)]
+struct User<'a> {
+    type_id: u8,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential_uid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<Account<'a>>,
+}
+
+#[derive(Serialize)]
+struct Account<'a> {
+    uid: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    type_id: u8,
+}
+
+fn project_account(uid: &str) -> Account<'_> {
+    Account {
+        uid,
+        kind: "OpenStack Project",
+        type_id: 99,
+    }
+}
+
+#[derive(Serialize)]
+struct Authorization<'a> {
+    decision: &'static str,
+    policy: Policy<'a>,
+}
+
+#[derive(Serialize)]
+struct Policy<'a> {
+    name: &'static str,
+    desc: &'a str,
+}
+
+#[derive(Serialize)]
+struct Api<'a> {
+    operation: &'static str,
+    request: ApiRequest<'a>,
+    response: ApiResponse,
+    service: Service,
+}
+
+#[derive(Serialize)]
+struct ApiRequest<'a> {
+    uid: &'a str,
+}
+
+#[derive(Serialize)]
+struct ApiResponse {
+    code: u16,
+}
+
+#[derive(Serialize)]
+struct Service {
+    name: &'static str,
+}
+
+#[derive(Serialize)]
+struct Cloud {
+    provider: &'static str,
+}
+
+#[derive(Serialize)]
+struct Endpoint {
+    ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    intermediate_ips: Vec<IpAddr>,
+}
+
+#[derive(Serialize)]
+struct HttpRequest<'a> {
+    http_method: &'a str,
+    url: Url<'a>,
+    version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_agent: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[IpAddr]>::is_empty")]
+    x_forwarded_for: &'a [IpAddr],
+}
+
+#[derive(Serialize)]
+struct Url<'a> {
+    path: &'a str,
+    scheme: &'static str,
+}
+
+#[derive(Serialize)]
+struct HttpResponse {
+    code: u16,
+    latency: u64,
+}
+
+#[derive(Serialize)]
+struct Resource<'a> {
+    uid: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<Owner<'a>>,
+}
+
+#[derive(Serialize)]
+struct Owner<'a> {
+    account: Account<'a>,
+}
+
+#[derive(Serialize)]
+struct Unmapped<'a> {
+    schema: &'static str,
+    outcome: Outcome,
+    reason: Reason,
+    surface: Surface,
+    caller_kind: CallerKind,
+    auth: AuthMethod,
+    #[serde(skip_serializing_if = "<[&str]>::is_empty")]
+    roles: &'a [&'static str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy_rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    claimed_instance: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    claimed_tenant: Option<&'a str>,
+    forwarded: crate::forwarded::Verdict,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forwarded_for_raw: Option<&'a str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    listener: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_certificate: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_version: Option<&'static str>,
+    latency_us: u64,
+    body_bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_fingerprint: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record_version: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    corrects_earlier_event: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous_key_id: Option<u32>,
+    #[serde(skip_serializing_if = "<[u32]>::is_empty")]
+    key_ids: &'a [u32],
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    product: Product,
+    version: &'static str,
+    uid: &'a str,
+    log_name: &'static str,
+    profiles: [&'static str; 2],
+}
+
+#[derive(Serialize)]
+struct Product {
+    name: &'static str,
+    vendor_name: &'static str,
+    version: &'static str,
+}
+
+fn service_name(surface: Surface) -> &'static str {
+    match surface {
+        Surface::Instance => "metapass.instance",
+        Surface::Compute => "metapass.compute",
+        Surface::Admin => "metapass.admin",
+        Surface::Ops => "metapass.ops",
+        Surface::Unknown => "metapass",
+    }
+}
+
+fn user_type(kind: CallerKind) -> (u8, &'static str) {
+    match kind {
+        CallerKind::Anonymous => (0, "Unknown"),
+        CallerKind::Owner => (1, "User"),
+        CallerKind::Admin => (2, "Admin"),
+        CallerKind::System => (3, "System"),
+        CallerKind::Instance => (99, "Instance"),
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Encodes `facts` and the answered `status` as an open event line (see the module docs).
+pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
+    let (activity_id, activity_name) = facts.activity.id_and_name();
+    let outcome = facts.reason.outcome();
+    let (severity_id, severity) = facts.reason.severity();
+    let (status_id, status_name) = match outcome {
+        Outcome::Success => (1, "Success"),
+        _ => (2, "Failure"),
+    };
+    let (type_id, type_name) = user_type(facts.caller.kind);
+    let caller = &facts.caller;
+    let uid = caller
+        .instance_id
+        .as_deref()
+        .or(caller.credential_fingerprint.as_deref());
+    let time_ms = facts.received_at.unix_timestamp_nanos() / 1_000_000;
+    let time_dt = facts
+        .received_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let authorizations = facts
+        .decision
+        .iter()
+        .map(|d| Authorization {
+            decision: if d.allowed { "allowed" } else { "denied" },
+            policy: Policy {
+                name: d.action,
+                desc: &d.rule,
+            },
+        })
+        .collect();
+    let resources = facts
+        .target_instance
+        .as_deref()
+        .map(|uid| Resource {
+            uid,
+            kind: "OpenStack::Nova::Server",
+            owner: facts.target_project.as_deref().map(|p| Owner {
+                account: project_account(p),
+            }),
+        })
+        .into_iter()
+        .collect();
+    let message = match &facts.detail {
+        Some(detail) => format!("{} {}: {detail}", facts.operation, outcome.as_str()),
+        None => format!("{} {}", facts.operation, outcome.as_str()),
+    };
+
+    let event = Event {
+        activity_id,
+        activity_name,
+        category_uid: 6,
+        category_name: "Application Activity",
+        class_uid: 6003,
+        class_name: "API Activity",
+        type_uid: 600_300 + u32::from(activity_id),
+        type_name: format!("API Activity: {activity_name}"),
+        severity_id,
+        severity,
+        time: i64::try_from(time_ms).unwrap_or(i64::MAX),
+        time_dt,
+        duration: millis(latency),
+        status_id,
+        status: status_name,
+        status_code: status.to_string(),
+        status_detail: reason_str(facts.reason),
+        message,
+        actor: Actor {
+            user: User {
+                type_id,
+                kind: type_name,
+                uid,
+                name: caller.name.as_deref(),
+                credential_uid: caller.credential_fingerprint.as_deref(),
+                account: caller.project_id.as_deref().map(project_account),
+            },
+            authorizations,
+        },
+        api: Api {
+            operation: facts.operation,
+            request: ApiRequest {
+                uid: facts.request_id.as_str(),
+            },
+            response: ApiResponse { code: status },
+            service: Service {
+                name: service_name(facts.surface),
+            },
+        },
+        cloud: Cloud {
+            provider: "OpenStack",
+        },
+        src_endpoint: {
+            // The client; the peer it came through (and a PROXY-protocol load balancer) are
+            // intermediaries.
+            let direct = facts.client == facts.peer.ip();
+            let mut intermediate_ips = Vec::new();
+            if !direct {
+                intermediate_ips.push(facts.peer.ip());
+            }
+            intermediate_ips.extend(facts.proxied_by.map(|p| p.ip()));
+            Endpoint {
+                ip: facts.client,
+                // A system event has no peer: its placeholder port 0 is left out.
+                port: (direct && facts.peer.port() != 0).then_some(facts.peer.port()),
+                intermediate_ips,
+            }
+        },
+        http_request: HttpRequest {
+            http_method: &facts.method,
+            url: Url {
+                path: &facts.path,
+                scheme: "https",
+            },
+            version: facts.http_version,
+            user_agent: facts.user_agent.as_deref(),
+            x_forwarded_for: &facts.forwarded_for,
+        },
+        http_response: HttpResponse {
+            code: status,
+            latency: millis(latency),
+        },
+        resources,
+        unmapped: Unmapped {
+            schema: SCHEMA,
+            outcome,
+            reason: facts.reason,
+            surface: facts.surface,
+            caller_kind: caller.kind,
+            auth: caller.auth,
+            roles: &caller.roles,
+            policy_rule: facts.decision.as_ref().map(|d| d.rule.as_str()),
+            claimed_instance: caller.claimed_instance.as_deref(),
+            claimed_tenant: caller.claimed_tenant.as_deref(),
+            forwarded: facts.forwarded,
+            forwarded_for_raw: facts.forwarded_for_raw.as_deref(),
+            listener: &facts.listener,
+            client_certificate: facts.client_certificate.as_deref(),
+            tls_version: facts.tls_version,
+            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            body_bytes: facts.body_bytes,
+            secret_fingerprint: facts.secret_fingerprint.as_deref(),
+            record_version: facts.record_version,
+            corrects_earlier_event: facts.corrects_earlier_event,
+            key_id: facts.key_id,
+            previous_key_id: facts.previous_key_id,
+            key_ids: &facts.key_ids,
+        },
+    };
+    let metadata = Metadata {
+        product: Product {
+            name: crate::PRODUCT_NAME,
+            vendor_name: crate::PRODUCT_NAME,
+            version: crate::PRODUCT_VERSION,
+        },
+        version: OCSF_VERSION,
+        uid: facts.request_id.as_str(),
+        log_name: "audit",
+        profiles: ["cloud", "datetime"],
+    };
+    open_line(&event, &metadata)
+}
+
+/// Serializes `event` with `metadata` appended as its last member, leaving both objects open:
+/// `{...event members...,"metadata":{...metadata members...`.
+pub(crate) fn open_line(event: &impl Serialize, metadata: &impl Serialize) -> Vec<u8> {
+    // Serializing plain structs of strings and numbers into a Vec cannot fail.
+    let mut line = serde_json::to_vec(event).expect("event serializes");
+    let meta = serde_json::to_vec(metadata).expect("metadata serializes");
+    debug_assert!(line.len() > 2 && line.ends_with(b"}") && meta.len() > 2 && meta.ends_with(b"}"));
+    line.pop();
+    line.extend_from_slice(b",\"metadata\":");
+    line.extend_from_slice(&meta[..meta.len() - 1]);
+    line
+}
+
+/// The snake_case code of a reason, as written in events.
+pub fn reason_str(reason: Reason) -> &'static str {
+    use Reason::*;
+    match reason {
+        Ok => "ok",
+        BadRequest => "bad_request",
+        MalformedRequest => "malformed_request",
+        HeadTooLarge => "head_too_large",
+        MissingHeader => "missing_header",
+        DuplicateHeader => "duplicate_header",
+        InvalidHeader => "invalid_header",
+        NotFound => "not_found",
+        UnknownInstance => "unknown_instance",
+        MethodNotAllowed => "method_not_allowed",
+        BodyTooLarge => "body_too_large",
+        BodyInvalid => "body_invalid",
+        BodyEmpty => "body_empty",
+        BodyTimeout => "body_timeout",
+        Conflict => "conflict",
+        BadSignature => "bad_signature",
+        TenantMismatch => "tenant_mismatch",
+        Unauthenticated => "unauthenticated",
+        Forbidden => "forbidden",
+        NotOwner => "not_owner",
+        ProxyCertificateRequired => "proxy_certificate_required",
+        RateLimited => "rate_limited",
+        Integrity => "integrity",
+        StoreUnavailable => "store_unavailable",
+        AuditUnavailable => "audit_unavailable",
+        CommitFailed => "commit_failed",
+        NotReady => "not_ready",
+        CertificateReloadFailed => "certificate_reload_failed",
+        KeyExhausted => "key_exhausted",
+        KeyringRefused => "keyring_refused",
+        Internal => "internal",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_match_their_serde_names() {
+        use Reason::*;
+        for r in [
+            Ok,
+            BadRequest,
+            MissingHeader,
+            DuplicateHeader,
+            InvalidHeader,
+            NotFound,
+            UnknownInstance,
+            MethodNotAllowed,
+            BodyTooLarge,
+            BodyInvalid,
+            BodyEmpty,
+            BodyTimeout,
+            Conflict,
+            BadSignature,
+            TenantMismatch,
+            Unauthenticated,
+            Forbidden,
+            NotOwner,
+            RateLimited,
+            ProxyCertificateRequired,
+            Integrity,
+            StoreUnavailable,
+            AuditUnavailable,
+            CommitFailed,
+            NotReady,
+            CertificateReloadFailed,
+            KeyExhausted,
+            KeyringRefused,
+            Internal,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), reason_str(r));
+        }
+    }
+
+    #[test]
+    fn an_encoded_event_is_open_ocsf_json() {
+        let mut facts = Facts::new("127.0.0.1:4000".parse().unwrap(), Some("TLSv1_3"));
+        facts.operation = "password:get";
+        facts.activity = Activity::Read;
+        facts.path = "/openstack/latest/password".into();
+        facts.method = "GET".into();
+        let mut line = encode(&facts, 200, Duration::from_micros(1500));
+        line.extend_from_slice(b",\"sequence\":7}}");
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["class_uid"], 6003);
+        assert_eq!(v["type_uid"], 600302);
+        assert_eq!(v["metadata"]["sequence"], 7);
+        assert_eq!(v["metadata"]["uid"], facts.request_id.as_str());
+        assert_eq!(v["unmapped"]["latency_us"], 1500);
+        assert_eq!(v["unmapped"]["outcome"], "success");
+        assert_eq!(v["src_endpoint"]["ip"], "127.0.0.1");
+    }
+
+    #[test]
+    fn bounded_cuts_on_a_character_boundary() {
+        let s = "é".repeat(200);
+        let b = bounded(&s);
+        assert!(b.len() <= MAX_TEXT + "…".len());
+        assert!(b.ends_with('…'));
+        assert_eq!(bounded("short"), "short");
+    }
+}

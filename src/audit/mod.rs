@@ -1,0 +1,22 @@
+//! The audit log: one OCSF "API Activity" event per request, in a tamper-evident chain, written by a
+//! dedicated durable writer.
+//!
+//! - [`event`]: the facts handlers record and their OCSF JSON form.
+//! - [`chain`]: the audit keys, keyed fingerprints, and the per-line MAC chain.
+//! - [`writer`]: the bounded queue and the group-committing writer thread.
+//! - [`verify`]: checking a chain of files.
+//! - [`review`]: `audit show` and `audit summary` for reviewers.
+//!
+//! The schema and an example of each event type are in `SECURITY.md`.
+
+pub mod chain;
+pub mod event;
+pub mod review;
+pub mod verify;
+pub mod writer;
+
+pub use chain::{AuditKeys, FINGERPRINT_PREFIX};
+pub use event::{
+    Activity, AuthMethod, Caller, CallerKind, Decision, Facts, Outcome, Reason, Surface,
+};
+pub use writer::{AuditError, AuditTicket, Auditor, Durability, SyncMode, WriterConfig};

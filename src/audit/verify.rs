@@ -1,0 +1,180 @@
+//! Verifying a chain of audit files: every line's MAC, every link, every sequence number.
+//!
+//! The first problem found ends the check and names the sequence number where the chain breaks:
+//! an edited line (MAC mismatch), a deleted, inserted or reordered line (sequence or link
+//! mismatch), a gap between files. Two situations are reported as warnings, not tampering, because
+//! the writer produces them itself and the chain shows it:
+//!
+//! - a torn last line of a file: the process died in the middle of a write; the line was never
+//!   acknowledged, and the next file continues the chain from the last complete line;
+//! - an abandoned tail: a write failed, the file could not be truncated, and the next file continues
+//!   from the last acknowledged line, which is still in the previous file.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::chain::{AuditKeys, GENESIS, LineError};
+
+/// What is wrong with a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// A line whose MAC does not match its bytes (edited or forged).
+    BadMac,
+    /// A line that is not a sealed audit line.
+    Malformed,
+    /// The sequence number is not the next one: a line was deleted, inserted or reordered, or
+    /// files are missing between two files.
+    SequenceGap {
+        /// The sequence number the chain needed.
+        expected: u64,
+        /// The one found.
+        found: u64,
+    },
+    /// The line's `prev` is not the previous line's MAC.
+    BrokenLink,
+}
+
+/// The first problem in a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file.
+    pub file: PathBuf,
+    /// The 1-based line number in the file.
+    pub line: usize,
+    /// The first bad sequence number: the first position the chain cannot vouch for (the line's own
+    /// number for an edited line; the expected next number for a deleted, inserted, reordered or
+    /// missing line).
+    pub seq: u64,
+    /// What is wrong.
+    pub kind: ProblemKind,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match &self.kind {
+            ProblemKind::BadMac => "MAC mismatch (line edited or forged)".to_owned(),
+            ProblemKind::Malformed => "not a sealed audit line".to_owned(),
+            ProblemKind::SequenceGap { expected, found } => format!(
+                "sequence {found} where {expected} was expected (line deleted, inserted or reordered, or a file is missing)"
+            ),
+            ProblemKind::BrokenLink => "prev does not match the previous line's MAC".to_owned(),
+        };
+        write!(
+            f,
+            "first bad sequence number {}: {}:{}: {what}",
+            self.seq,
+            self.file.display(),
+            self.line
+        )
+    }
+}
+
+/// The result of a verification.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Files read.
+    pub files: usize,
+    /// Lines that verified.
+    pub events: u64,
+    /// The first and last sequence numbers verified.
+    pub range: Option<(u64, u64)>,
+    /// Things a reviewer should know that are not tampering.
+    pub warnings: Vec<String>,
+    /// The first problem, if any.
+    pub problem: Option<Problem>,
+}
+
+/// Verifies `files` as one chain, in the order given.
+pub fn verify_files(keys: &AuditKeys, files: &[PathBuf]) -> std::io::Result<Report> {
+    let contents = files
+        .iter()
+        .map(|f| Ok((f.clone(), std::fs::read(f)?)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(verify_contents(keys, &contents))
+}
+
+/// Verifies the contents of audit files (named for the report) as one chain, in the order given.
+pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)]) -> Report {
+    let mut report = Report::default();
+    let mut last: Option<(u64, String)> = None;
+    let mut previous_file: HashMap<u64, String> = HashMap::new();
+    for (file_index, (path, content)) in files.iter().enumerate() {
+        report.files += 1;
+        let mut pieces: Vec<&[u8]> = content.split(|&b| b == b'\n').collect();
+        let tail = pieces.pop().unwrap_or_default();
+        let mut this_file = HashMap::new();
+        for (line_index, line) in pieces.iter().enumerate() {
+            let line_no = line_index + 1;
+            let expected = last.as_ref().map_or(1, |(s, _)| s + 1);
+            let problem = |seq, kind| Problem {
+                file: path.clone(),
+                line: line_no,
+                seq,
+                kind,
+            };
+            let fields = match keys.check_line(line) {
+                Ok(f) => f,
+                Err(LineError::BadMac { seq }) => {
+                    report.problem = Some(problem(seq, ProblemKind::BadMac));
+                    return report;
+                }
+                Err(LineError::Malformed) => {
+                    report.problem = Some(problem(expected, ProblemKind::Malformed));
+                    return report;
+                }
+            };
+            match &last {
+                None if fields.seq != 1 || fields.prev != GENESIS => report.warnings.push(format!(
+                    "the chain starts at sequence {} in {} (earlier files were not given)",
+                    fields.seq,
+                    path.display()
+                )),
+                None => {}
+                Some((last_seq, last_mac)) => {
+                    let follows = fields.seq == last_seq + 1 && &fields.prev == last_mac;
+                    let continues_earlier = line_index == 0
+                        && file_index > 0
+                        && fields.seq >= 1
+                        && previous_file.get(&(fields.seq - 1)) == Some(&fields.prev);
+                    if continues_earlier && !follows {
+                        report.warnings.push(format!(
+                            "{} continues the chain from sequence {}: the {} line(s) after it in the previous file were written but never acknowledged (a failed write)",
+                            path.display(),
+                            fields.seq - 1,
+                            last_seq - (fields.seq - 1)
+                        ));
+                    } else if fields.seq != last_seq + 1 {
+                        let kind = ProblemKind::SequenceGap {
+                            expected: last_seq + 1,
+                            found: fields.seq,
+                        };
+                        report.problem = Some(problem(last_seq + 1, kind));
+                        return report;
+                    } else if !follows {
+                        report.problem = Some(problem(fields.seq, ProblemKind::BrokenLink));
+                        return report;
+                    }
+                }
+            }
+            report.events += 1;
+            report.range = Some((report.range.map_or(fields.seq, |(a, _)| a), fields.seq));
+            this_file.insert(fields.seq, fields.mac.clone());
+            last = Some((fields.seq, fields.mac));
+        }
+        if !tail.is_empty() {
+            report.warnings.push(format!(
+                "{} ends with a torn line of {} bytes (the process stopped in the middle of a write; that event was never acknowledged)",
+                path.display(),
+                tail.len()
+            ));
+        }
+        previous_file = this_file;
+    }
+    report
+}
+
+/// Verifies every audit file in `dir`, in chain order.
+pub fn verify_dir(keys: &AuditKeys, dir: &Path) -> std::io::Result<Report> {
+    verify_files(keys, &super::writer::log_files(dir)?)
+}

@@ -1,0 +1,583 @@
+//! The audit writer: one thread that owns the log, fed by a bounded queue, acknowledging each event
+//! once it is written (and, where asked, on disk).
+//!
+//! Handlers hand over an open event line and a [`Durability`]; the writer takes every queued line
+//! (up to [`MAX_BATCH`]), seals each into the chain, appends the batch with one `write`, calls
+//! `fdatasync` once if any line in the batch must be durable (or always, in [`SyncMode::Always`]),
+//! and then acknowledges the whole batch. This is group commit: one disk flush for many requests.
+//!
+//! Files are `audit-<first sequence, 20 digits>-<creation time in ms, 15 digits>.jsonl`, so that
+//! name order is chain order. A file is rotated when it passes the size limit; a new file's first
+//! line continues the chain of the previous file. The writer never deletes a file.
+//!
+//! If a write or flush fails, the batch is refused (every requester hears an error and answers
+//! 503), the chain position rolls back to the last acknowledged line, and the file is truncated
+//! back to it; if truncation fails too, the next batch starts a new file. The writer stays up and
+//! resumes by itself when writing works again.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::chain::{AuditKeys, GENESIS};
+use crate::metrics::AuditMetrics;
+
+/// The most events written in one batch.
+pub const MAX_BATCH: usize = 1024;
+
+/// When the writer flushes to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    /// `fdatasync` every batch before acknowledging it.
+    Always,
+    /// Acknowledge once written to the OS; `fdatasync` only batches holding a mutation's event.
+    Write,
+}
+
+/// How durable an event must be before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// In the operating system (survives a crash of metapass, not of the machine).
+    Written,
+    /// On disk (`fdatasync`); required for every mutation's event.
+    Durable,
+}
+
+/// The writer's settings.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// The directory of the log files (created 0700 if missing).
+    pub dir: PathBuf,
+    /// When to flush.
+    pub sync: SyncMode,
+    /// Rotate after a file reaches this many bytes.
+    pub max_file_bytes: u64,
+    /// How many events may wait for the writer.
+    pub queue_capacity: usize,
+    /// How long a requester waits for space in the queue and then for its acknowledgement.
+    pub ack_timeout: Duration,
+}
+
+/// Why an event could not be recorded. The request it belongs to must not release or change
+/// anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    /// The queue stayed full past the deadline.
+    #[error("the audit queue is full")]
+    QueueFull,
+    /// The writer has stopped.
+    #[error("the audit writer has stopped")]
+    Stopped,
+    /// The writer did not acknowledge in time.
+    #[error("the audit writer did not acknowledge in time")]
+    Timeout,
+    /// Writing or flushing failed.
+    #[error("the audit log could not be written: {0}")]
+    Io(String),
+}
+
+enum Item {
+    Event {
+        line: Vec<u8>,
+        durability: Durability,
+        ack: oneshot::Sender<Result<(), AuditError>>,
+    },
+    Flush {
+        ack: oneshot::Sender<Result<(), AuditError>>,
+    },
+    /// After a failure: can the log's filesystem take a batch again?
+    Probe {
+        ack: oneshot::Sender<Result<(), AuditError>>,
+    },
+}
+
+/// The name of the scratch file a probe writes (never an audit file: those start with `audit-`).
+const PROBE_FILE: &str = ".writable-probe";
+/// How much a probe writes: about one large batch of events.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// What the writer shares for health checks.
+#[derive(Debug, Default)]
+struct WriterHealth {
+    /// Whether the last batch was written.
+    healthy: AtomicBool,
+    /// When the current batch started (ms since `epoch`), 0 when idle.
+    batch_started_ms: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl WriterHealth {
+    fn now_ms(&self) -> u64 {
+        let epoch = self.epoch.get_or_init(Instant::now);
+        u64::try_from(epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+/// A pending acknowledgement.
+pub struct AuditTicket {
+    ack: Result<oneshot::Receiver<Result<(), AuditError>>, AuditError>,
+    timeout: Duration,
+}
+
+impl AuditTicket {
+    /// Waits for the writer's acknowledgement, at most the configured deadline.
+    pub async fn wait(self) -> Result<(), AuditError> {
+        let rx = self.ack?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => Err(AuditError::Timeout),
+        }
+    }
+}
+
+/// The handle through which requests record events. Cheap to clone.
+#[derive(Clone)]
+pub struct Auditor {
+    tx: mpsc::Sender<Item>,
+    keys: Arc<AuditKeys>,
+    health: Arc<WriterHealth>,
+    metrics: AuditMetrics,
+    ack_timeout: Duration,
+    queue_capacity: usize,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor").finish_non_exhaustive()
+    }
+}
+
+impl Auditor {
+    /// Opens the log directory, recovers the chain position from the newest file, and starts the
+    /// writer thread.
+    pub fn start(
+        config: WriterConfig,
+        keys: Arc<AuditKeys>,
+        metrics: AuditMetrics,
+    ) -> Result<Self, io::Error> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.dir)?;
+        let position = recover(&config.dir, &keys)?;
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let health = Arc::new(WriterHealth::default());
+        health.healthy.store(true, Ordering::Relaxed);
+        let writer = Writer {
+            dir: config.dir.clone(),
+            sync: config.sync,
+            max_file_bytes: config.max_file_bytes,
+            keys: keys.clone(),
+            file: position.file,
+            size: position.size,
+            seq: position.seq,
+            prev: position.prev,
+            health: health.clone(),
+            metrics: metrics.clone(),
+            buf: Vec::with_capacity(64 * 1024),
+            unsynced: false,
+        };
+        thread::Builder::new()
+            .name("metapass-audit-writer".into())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            tx,
+            keys,
+            health,
+            metrics,
+            ack_timeout: config.ack_timeout,
+            queue_capacity: config.queue_capacity,
+        })
+    }
+
+    /// The audit keys (for fingerprints).
+    pub fn keys(&self) -> &AuditKeys {
+        &self.keys
+    }
+
+    /// Queues an event without waiting for queue space (for callers that must not block, such as
+    /// the store's writer thread). A full queue yields a ticket that fails at once.
+    pub fn submit(&self, line: Vec<u8>, durability: Durability) -> AuditTicket {
+        let (ack, rx) = oneshot::channel();
+        let ack = match self.tx.try_send(Item::Event {
+            line,
+            durability,
+            ack,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(AuditError::QueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(AuditError::Stopped),
+        };
+        AuditTicket {
+            ack,
+            timeout: self.ack_timeout,
+        }
+    }
+
+    /// Queues an event, waiting for queue space up to the deadline, and waits for its
+    /// acknowledgement.
+    pub async fn record(&self, line: Vec<u8>, durability: Durability) -> Result<(), AuditError> {
+        let (ack, rx) = oneshot::channel();
+        let item = Item::Event {
+            line,
+            durability,
+            ack,
+        };
+        match self.tx.send_timeout(item, self.ack_timeout).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(AuditError::QueueFull),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(AuditError::Stopped),
+        }
+        AuditTicket {
+            ack: Ok(rx),
+            timeout: self.ack_timeout,
+        }
+        .wait()
+        .await
+    }
+
+    /// Waits until everything queued before this call is written and on disk.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send_timeout(Item::Flush { ack }, self.ack_timeout)
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        AuditTicket {
+            ack: Ok(rx),
+            timeout: self.ack_timeout,
+        }
+        .wait()
+        .await
+    }
+
+    /// Whether the log can record: healthy, or, after a failure, a probe of the log's filesystem
+    /// (a scratch file of about one batch, synced and removed) now succeeds. Readiness uses this,
+    /// so a replica becomes ready again as soon as the disk has room, without waiting for traffic.
+    pub async fn writable(&self) -> bool {
+        if self.healthy() {
+            return true;
+        }
+        let (ack, rx) = oneshot::channel();
+        if self
+            .tx
+            .send_timeout(Item::Probe { ack }, self.ack_timeout)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        AuditTicket {
+            ack: Ok(rx),
+            timeout: self.ack_timeout,
+        }
+        .wait()
+        .await
+        .is_ok()
+    }
+
+    /// Whether the log is writable: the last batch succeeded and the writer is not stuck in one
+    /// for longer than the acknowledgement deadline.
+    pub fn healthy(&self) -> bool {
+        let started = self.health.batch_started_ms.load(Ordering::Relaxed);
+        let stuck = started != 0
+            && self.health.now_ms().saturating_sub(started)
+                > u64::try_from(self.ack_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.health.healthy.load(Ordering::Relaxed) && !stuck && !self.tx.is_closed()
+    }
+
+    /// Events waiting in the queue; also sets the queue-depth gauge.
+    pub fn queue_depth(&self) -> usize {
+        let depth = self.queue_capacity.saturating_sub(self.tx.capacity());
+        self.metrics
+            .queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        depth
+    }
+}
+
+struct Position {
+    file: Option<(File, PathBuf)>,
+    size: u64,
+    seq: u64,
+    prev: String,
+}
+
+/// Finds where the chain stands: the last complete line of the newest file that has one. A torn
+/// last line (a crash mid-write) is left in place and the next write starts a new file.
+fn recover(dir: &Path, keys: &AuditKeys) -> io::Result<Position> {
+    let files = log_files(dir)?;
+    let mut append_to = None;
+    for (i, path) in files.iter().enumerate().rev() {
+        let content = fs::read(path)?;
+        let torn = !content.is_empty() && !content.ends_with(b"\n");
+        let last_complete = content
+            .split(|&b| b == b'\n')
+            .rev()
+            .skip(1)
+            .find(|l| !l.is_empty());
+        let newest = i + 1 == files.len();
+        if newest && !torn {
+            append_to = Some(path.clone());
+        }
+        if torn {
+            tracing::warn!(file = %path.display(), "audit file ends with a torn line (an earlier crash); continuing the chain in a new file");
+        }
+        if let Some(line) = last_complete {
+            let fields = keys.check_line(line).map_err(|e| {
+                io::Error::other(format!(
+                    "the last audit line of {} does not verify with the configured audit key ({e}); \
+                     run `metapass audit verify` before starting",
+                    path.display()
+                ))
+            })?;
+            let file = match append_to.filter(|_| newest) {
+                Some(p) => Some((OpenOptions::new().append(true).open(&p)?, p)),
+                None => None,
+            };
+            let size = if file.is_some() {
+                content.len() as u64
+            } else {
+                0
+            };
+            return Ok(Position {
+                file,
+                size,
+                seq: fields.seq,
+                prev: fields.mac,
+            });
+        }
+    }
+    Ok(Position {
+        file: None,
+        size: 0,
+        seq: 0,
+        prev: GENESIS.to_owned(),
+    })
+}
+
+/// The audit files of `dir` in chain order.
+pub fn log_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("audit-") && n.ends_with(".jsonl"))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+struct Writer {
+    dir: PathBuf,
+    sync: SyncMode,
+    max_file_bytes: u64,
+    keys: Arc<AuditKeys>,
+    file: Option<(File, PathBuf)>,
+    size: u64,
+    seq: u64,
+    prev: String,
+    health: Arc<WriterHealth>,
+    metrics: AuditMetrics,
+    buf: Vec<u8>,
+    /// Written lines not yet flushed to disk.
+    unsynced: bool,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Item>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            self.health
+                .batch_started_ms
+                .store(self.health.now_ms(), Ordering::Relaxed);
+            let has_events = batch.iter().any(|i| matches!(i, Item::Event { .. }));
+            let probing = batch.iter().any(|i| matches!(i, Item::Probe { .. }));
+            let result = self
+                .write_batch(&batch)
+                .and_then(|()| {
+                    // A batch of events answers a probe by itself; otherwise test the space.
+                    if probing && !has_events {
+                        self.probe_space()
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| AuditError::Io(e.to_string()));
+            self.health.batch_started_ms.store(0, Ordering::Relaxed);
+            match &result {
+                Ok(()) => self.health.healthy.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    self.health.healthy.store(false, Ordering::Relaxed);
+                    self.metrics.write_failures.inc();
+                    tracing::error!(error = %e, "audit batch could not be written; requests fail closed");
+                }
+            }
+            for item in batch.drain(..) {
+                let ack = match item {
+                    Item::Event { ack, .. } | Item::Flush { ack } | Item::Probe { ack } => ack,
+                };
+                let _ = ack.send(result.clone());
+            }
+        }
+        if self.unsynced
+            && let Some((file, _)) = &self.file
+        {
+            let _ = file.sync_data();
+        }
+    }
+
+    /// Writes, syncs and removes a scratch file of [`PROBE_BYTES`] in the log directory.
+    fn probe_space(&self) -> io::Result<()> {
+        let path = self.dir.join(PROBE_FILE);
+        let written = (|| {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(&[0u8; PROBE_BYTES])?;
+            file.sync_data()
+        })();
+        let _ = std::fs::remove_file(&path);
+        written
+    }
+
+    fn write_batch(&mut self, batch: &[Item]) -> io::Result<()> {
+        let must_sync = self.sync == SyncMode::Always
+            || batch.iter().any(|i| match i {
+                Item::Event { durability, .. } => *durability == Durability::Durable,
+                Item::Flush { .. } => true,
+                Item::Probe { .. } => false,
+            });
+        let (seq0, prev0) = (self.seq, self.prev.clone());
+        // A batch that opens a new file starts it at zero; otherwise it starts at the current size.
+        let size0 = if self.file.is_some() { self.size } else { 0 };
+        self.buf.clear();
+        let mut events = 0u64;
+        for item in batch {
+            if let Item::Event { line, .. } = item {
+                self.seq += 1;
+                self.prev = self
+                    .keys
+                    .seal_line(line, self.seq, &self.prev, &mut self.buf);
+                events += 1;
+            }
+        }
+        match self.append(must_sync, seq0 + 1) {
+            Ok(()) => {
+                self.metrics.events_written.inc_by(events);
+                if self.size >= self.max_file_bytes {
+                    self.close_current();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.seq = seq0;
+                self.prev = prev0;
+                self.roll_back(size0);
+                Err(e)
+            }
+        }
+    }
+
+    /// Appends `buf` to the current file (opening one, named after `first_seq`, if needed) and
+    /// flushes if asked.
+    fn append(&mut self, must_sync: bool, first_seq: u64) -> io::Result<()> {
+        if self.file.is_none() {
+            self.open_new_file(first_seq)?;
+        }
+        let (file, _) = self.file.as_mut().expect("a file is open");
+        if !self.buf.is_empty() {
+            file.write_all(&self.buf)?;
+            self.size += self.buf.len() as u64;
+            self.unsynced = true;
+        }
+        if must_sync && self.unsynced {
+            let started = Instant::now();
+            file.sync_data()?;
+            self.metrics
+                .fsync_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// After a failed batch: cut the file back to `acked` bytes (the end of the last acknowledged
+    /// line), or give the file up so that the next batch starts a new one.
+    fn roll_back(&mut self, acked: u64) {
+        let Some((file, path)) = &self.file else {
+            return;
+        };
+        let repaired = file.set_len(acked).and_then(|()| file.sync_data());
+        match repaired {
+            Ok(()) => {
+                self.size = acked;
+                self.unsynced = false;
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "could not truncate the audit file after a failed write; the next batch starts a new file");
+                self.file = None;
+            }
+        }
+    }
+
+    fn close_current(&mut self) {
+        if let Some((file, _)) = self.file.take()
+            && self.unsynced
+        {
+            if let Err(e) = file.sync_data() {
+                tracing::error!(error = %e, "flushing a rotated audit file failed");
+            }
+            self.unsynced = false;
+        }
+        self.size = 0;
+    }
+
+    fn open_new_file(&mut self, first_seq: u64) -> io::Result<()> {
+        let created_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        for bump in 0..1000i128 {
+            let name = format!("audit-{first_seq:020}-{:015}.jsonl", created_ms + bump);
+            let path = self.dir.join(name);
+            match OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => {
+                    File::open(&self.dir)?.sync_all()?;
+                    self.file = Some((file, path));
+                    self.size = 0;
+                    self.unsynced = false;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::other("no free audit file name"))
+    }
+}

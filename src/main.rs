@@ -1,0 +1,602 @@
+//! The `metapass` command: `serve`, `keys ...`, `dev-certs`, `audit ...`.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use metapass::api::App;
+use metapass::audit::{AuditKeys, Reason, review, verify};
+use metapass::config::{Config, Overrides};
+use metapass::limits;
+use metapass::server;
+use metapass::tls::TlsMaterial;
+
+#[derive(Parser)]
+#[command(
+    name = "metapass",
+    version,
+    about = "OpenStack instance password service: sealed, owned, audited"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// The configuration file (e.g. policy/dev.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Listen on this address instead of the configured one (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Keep the store and audit log under this directory instead of the configured one.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Write a fresh set of development certificates (never for production).
+    DevCerts {
+        /// The output directory.
+        #[arg(long, default_value = "certs-dev")]
+        out: PathBuf,
+        /// Validity of the server and client certificates, in days. The committed set uses the
+        /// default so a clone keeps working; TLS scanners expect at most 398 (a public CA's limit).
+        #[arg(long, default_value_t = metapass::devcerts::DEFAULT_LEAF_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+        leaf_days: u32,
+    },
+    /// Audit log tools for reviewers.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Data key tools: make, rotate and retire keys in a keyring file; show their use.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+/// Which keyring file to edit: the one a configuration names, or a file given directly.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct KeyringLocation {
+    /// The daemon configuration (its [keys] file is edited, and its store consulted).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The keyring file itself (no store is consulted).
+    #[arg(long)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new keyring file with one fresh random key (mode 0600; never overwrites).
+    Generate {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a fresh random key to a keyring file and make it active. Reload the daemon (SIGHUP)
+    /// to use it; passwords sealed under older keys are then resealed in the background.
+    Rotate {
+        #[command(flatten)]
+        keyring: KeyringLocation,
+    },
+    /// Remove a key that no password is sealed under any more.
+    Retire {
+        #[command(flatten)]
+        keyring: KeyringLocation,
+        /// The key id to remove.
+        #[arg(long)]
+        id: u32,
+        /// With --config: the data directory, if not the configured one.
+        #[arg(long, requires = "config")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Show every key: active or not, how many passwords it seals, how many seals it has made.
+    Status {
+        /// The daemon configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The data directory, if not the configured one.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Where the audit key comes from: the daemon's config, or the audit key file alone (a reviewer
+/// needs no other secret).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct KeySource {
+    /// The daemon configuration (its [audit] key_file is used).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The audit key file itself.
+    #[arg(long)]
+    audit_key: Option<PathBuf>,
+}
+
+/// Where the audit log is: an explicit directory, or the one the daemon configuration names.
+#[derive(clap::Args)]
+struct LogLocation {
+    /// The audit log directory.
+    #[arg(long, conflicts_with_all = ["config", "data_dir"])]
+    dir: Option<PathBuf>,
+    /// The daemon configuration (its audit directory is used).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The data directory, if not the configured one.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct EventFilter {
+    /// Only events about this instance (as target or caller).
+    #[arg(long)]
+    instance: Option<String>,
+    /// Only events where this project is the caller's or the target's.
+    #[arg(long)]
+    project: Option<String>,
+    /// Only events with this outcome.
+    #[arg(long, value_parser = ["success", "denied", "failure", "error"])]
+    outcome: Option<String>,
+    /// Only events since an RFC 3339 time or a duration ago (15m, 2h, 7days).
+    #[arg(long)]
+    since: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the chain of audit files (all files of the log if none are given).
+    Verify {
+        #[command(flatten)]
+        key: KeySource,
+        /// The audit log directory (default: the configured one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The data directory, if not the configured one.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Audit files to verify, in chain order.
+        files: Vec<PathBuf>,
+    },
+    /// Print the keyed fingerprint of a value, to look for it in the log.
+    Hash {
+        #[command(flatten)]
+        key: KeySource,
+        /// The value (a token, a password blob) to fingerprint.
+        value: String,
+    },
+    /// Print matching events as a compact table.
+    Show {
+        #[command(flatten)]
+        log: LogLocation,
+        #[command(flatten)]
+        filter: EventFilter,
+    },
+    /// Count events by operation, outcome and reason, and list the sources refused most.
+    Summary {
+        #[command(flatten)]
+        log: LogLocation,
+        #[command(flatten)]
+        filter: EventFilter,
+    },
+}
+
+fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("METAPASS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    guard
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _guard = init_logging();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(config, Overrides { listen, data_dir }),
+        Command::DevCerts { out, leaf_days } => dev_certs(out, leaf_days),
+        Command::Audit { command } => audit(command),
+        Command::Keys { command } => keys(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("metapass: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(config: &std::path::Path, overrides: &Overrides) -> Result<Config, String> {
+    let config = Config::load(config, overrides).map_err(|e| e.to_string())?;
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(config)
+}
+
+fn audit_keys(config: &Config) -> Result<AuditKeys, String> {
+    AuditKeys::derive(config.audit.secret.expose_secret()).map_err(|e| e.to_string())
+}
+
+fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String> {
+    // Before any secret is read: no core dumps, no same-user ptrace or /proc/<pid>/mem.
+    let hardening = metapass::hygiene::disable_core_dumps()
+        .map_err(|e| format!("disabling core dumps: {e}"))?;
+    tracing::info!(
+        dumpable = hardening.dumpable,
+        core_limit = ?hardening.core_limit,
+        "core dumps disabled (PR_SET_DUMPABLE, RLIMIT_CORE)"
+    );
+    let config = load(&config_path, &overrides)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("metapass-worker")
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let mut material = TlsMaterial::load(config.tls.clone()).map_err(|e| e.to_string())?;
+        let mut endpoints = Vec::new();
+        for listener in config.listeners.clone() {
+            let tls = if listener.tls {
+                Some(material.listener(listener.client_auth).map_err(|e| format!("listener {:?}: {e}", listener.name))?)
+            } else {
+                None
+            };
+            let (name, address) = (listener.name.clone(), listener.address);
+            endpoints.push(
+                server::Endpoint::bind(listener, tls)
+                    .map_err(|e| format!("listener {name:?}: binding {address}: {e}"))?,
+            );
+        }
+        let data_dir = config.data_dir.clone();
+        let cleanup_every = limits::cleanup_interval(&config.rate_limits);
+        let app = Arc::new(App::open(config)?);
+        let auditor = app.auditor.clone();
+        // The keyring must match what the store has seen before anything is sealed or opened.
+        metapass::api::keys::load_at_startup(&app).await?;
+        tokio::spawn(metapass::api::keys::rewrap_loop(app.clone()));
+        tracing::info!(data_dir = %data_dir.display(), "metapass serving");
+        // One line per listener on stdout: scripts and tests wait for them to know the ports.
+        for endpoint in &endpoints {
+            let url = endpoint.url().map_err(|e| e.to_string())?;
+            println!("metapass listening on {url} ({})", endpoint.config.name);
+        }
+        let _ = std::io::stdout().flush();
+
+        // Idle rate-limit keys are swept on a timer, so limiter memory follows live traffic.
+        let sweeper = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(cleanup_every);
+            loop {
+                tick.tick().await;
+                sweeper.limiters.maintain();
+            }
+        });
+        // SIGHUP reloads the certificate, key, client CA and CRLs (if any file is broken nothing
+        // changes), then the keyring file (refused if it does not match the store). All audited.
+        let reloader = app.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+            while hangups.recv().await.is_some() {
+                let cert_file = material.cert_file().display().to_string();
+                let (reason, detail) = match material.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert = %cert_file, "certificate, client CA and CRLs reloaded");
+                        (Reason::Ok, format!("reloaded {cert_file} and the client CA and CRLs"))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "certificate reload failed; still serving the previous certificate and trust");
+                        (
+                            Reason::CertificateReloadFailed,
+                            format!("{e}; the previous certificate, client CA and CRLs stay in use"),
+                        )
+                    }
+                };
+                metapass::api::record_system_event(&reloader, "tls:reload", reason, detail).await;
+                metapass::api::keys::reload_on_signal(&reloader).await;
+            }
+        });
+        let shutdown_app = app.clone();
+        let shutdown = async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested: draining");
+            shutdown_app.shutting_down.store(true, Ordering::SeqCst);
+        };
+        server::run(app, endpoints, shutdown).await;
+        auditor
+            .flush()
+            .await
+            .map_err(|e| format!("flushing the audit log at shutdown: {e}"))?;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn dev_certs(out: PathBuf, leaf_days: u32) -> Result<ExitCode, String> {
+    let files = metapass::devcerts::generate(&out, leaf_days).map_err(|e| e.to_string())?;
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    println!("These certificates and keys are for development only.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The audit keys from a config or an audit key file.
+fn keys_from(
+    source: &KeySource,
+    data_dir: Option<PathBuf>,
+) -> Result<(AuditKeys, Option<PathBuf>), String> {
+    match (&source.config, &source.audit_key) {
+        (Some(config), _) => {
+            let config = load(
+                config,
+                &Overrides {
+                    listen: None,
+                    data_dir,
+                },
+            )?;
+            Ok((audit_keys(&config)?, Some(config.audit.dir.clone())))
+        }
+        (None, Some(file)) => {
+            let secret = metapass::config::load_audit_secret(file).map_err(|e| e.to_string())?;
+            let keys = AuditKeys::derive(secret.expose_secret()).map_err(|e| e.to_string())?;
+            Ok((keys, None))
+        }
+        (None, None) => Err("give --config or --audit-key".into()),
+    }
+}
+
+/// The audit directory named by `--dir`, or by the configuration.
+fn log_dir(log: &LogLocation) -> Result<PathBuf, String> {
+    match (&log.dir, &log.config) {
+        (Some(dir), _) => Ok(dir.clone()),
+        (None, Some(config)) => {
+            let overrides = Overrides {
+                listen: None,
+                data_dir: log.data_dir.clone(),
+            };
+            Ok(Config::load(config, &overrides)
+                .map_err(|e| e.to_string())?
+                .audit
+                .dir)
+        }
+        (None, None) => Err("give --dir or --config".into()),
+    }
+}
+
+fn filter_from(f: EventFilter) -> Result<review::Filter, String> {
+    let since = match &f.since {
+        Some(text) => Some(review::parse_since(text, time::OffsetDateTime::now_utc())?),
+        None => None,
+    };
+    Ok(review::Filter {
+        instance: f.instance,
+        project: f.project,
+        outcome: f.outcome,
+        since,
+    })
+}
+
+fn read_log(log: &LogLocation) -> Result<Vec<serde_json::Value>, String> {
+    let dir = log_dir(log)?;
+    let files = review::files_of(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (events, warnings) =
+        review::read_events(&files).map_err(|e| format!("reading the audit log: {e}"))?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(events)
+}
+
+fn audit(command: AuditCommand) -> Result<ExitCode, String> {
+    match command {
+        AuditCommand::Verify {
+            key,
+            dir,
+            data_dir,
+            files,
+        } => {
+            let (keys, configured_dir) = keys_from(&key, data_dir)?;
+            let report = if files.is_empty() {
+                let dir = dir
+                    .or(configured_dir)
+                    .ok_or("give --dir, --config or the files to verify")?;
+                verify::verify_dir(&keys, &dir)
+            } else {
+                verify::verify_files(&keys, &files)
+            }
+            .map_err(|e| format!("reading the audit log: {e}"))?;
+            for warning in &report.warnings {
+                println!("warning: {warning}");
+            }
+            match &report.problem {
+                Some(problem) => {
+                    println!("FAILED after {} good events: {problem}", report.events);
+                    Ok(ExitCode::from(1))
+                }
+                None => {
+                    let range = report
+                        .range
+                        .map_or(String::new(), |(a, b)| format!(", sequence {a}..={b}"));
+                    println!(
+                        "OK: {} events in {} files verified{range}",
+                        report.events, report.files
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        AuditCommand::Hash { key, value } => {
+            let (keys, _) = keys_from(&key, None)?;
+            println!("{}", keys.fingerprint(value.as_bytes()));
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Show { log, filter } => {
+            let events = read_log(&log)?;
+            print!("{}", review::show(&events, &filter_from(filter)?));
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Summary { log, filter } => {
+            let events = read_log(&log)?;
+            print!("{}", review::summary(&events, &filter_from(filter)?));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn keys(command: KeysCommand) -> Result<ExitCode, String> {
+    use metapass::keys::{KeySource as KeyringSource, KeyringFile};
+    // The keyring file to edit and, with a configuration, the store to consult.
+    let locate = |location: &KeyringLocation,
+                  data_dir: Option<PathBuf>|
+     -> Result<(PathBuf, Option<Config>), String> {
+        match (&location.config, &location.file) {
+            (Some(config), _) => {
+                let overrides = Overrides {
+                    listen: None,
+                    data_dir,
+                };
+                let config = load(config, &overrides)?;
+                match &config.keys.source {
+                    KeyringSource::File(path) => Ok((path.clone(), Some(config))),
+                    other => Err(format!(
+                        "the keyring comes from {}; edit its text with --file on a copy",
+                        other.describe()
+                    )),
+                }
+            }
+            (None, Some(file)) => Ok((file.clone(), None)),
+            (None, None) => Err("give --config or --file".into()),
+        }
+    };
+    let usage_of = |config: &Config| -> Result<Vec<metapass::store::KeyUsage>, String> {
+        match &config.store {
+            metapass::config::StoreConfig::Sqlite { path } => {
+                metapass::store::sqlite::read_key_usage(path).map_err(|e| e.to_string())
+            }
+        }
+    };
+    match command {
+        KeysCommand::Generate { out } => {
+            KeyringFile::generate()
+                .and_then(|file| file.write_new(&out))
+                .map_err(|e| e.to_string())?;
+            println!("wrote {} (mode 0600): key 1, active", out.display());
+        }
+        KeysCommand::Rotate { keyring } => {
+            let (path, _) = locate(&keyring, None)?;
+            let mut file = KeyringFile::read(&path).map_err(|e| e.to_string())?;
+            let previous = file.active;
+            let id = file.rotate().map_err(|e| e.to_string())?;
+            file.replace(&path).map_err(|e| e.to_string())?;
+            println!(
+                "{}: added key {id} (active; was {previous}). Reload the daemon (SIGHUP or POST \
+                 /admin/v1/keys/reload); passwords under older keys are then resealed under key {id}.",
+                path.display()
+            );
+        }
+        KeysCommand::Retire {
+            keyring,
+            id,
+            data_dir,
+        } => {
+            let (path, config) = locate(&keyring, data_dir)?;
+            let mut file = KeyringFile::read(&path).map_err(|e| e.to_string())?;
+            if let Some(config) = &config {
+                let records = usage_of(config)?
+                    .iter()
+                    .find(|u| u.key_id == id)
+                    .map_or(0, |u| u.records);
+                if records > 0 {
+                    return Err(format!(
+                        "key {id} still seals {records} passwords; let the rewrap move them (GET /admin/v1/keys shows progress), then retire it"
+                    ));
+                }
+            }
+            file.retire(id).map_err(|e| e.to_string())?;
+            file.replace(&path).map_err(|e| e.to_string())?;
+            println!("{}: removed key {id}.", path.display());
+            if config.is_none() {
+                println!(
+                    "No store was consulted (--file): a daemon refuses to reload a keyring that lacks a key its passwords still need."
+                );
+            }
+        }
+        KeysCommand::Status { config, data_dir } => {
+            let config = load(
+                &config,
+                &Overrides {
+                    listen: None,
+                    data_dir,
+                },
+            )?;
+            let usage = usage_of(&config)?;
+            let keyring = &config.keyring;
+            let mut ids: Vec<u32> = keyring.key_ids().collect();
+            ids.extend(usage.iter().map(|u| u.key_id));
+            ids.sort_unstable();
+            ids.dedup();
+            println!("keyring: {}", config.keys.source.describe());
+            println!(
+                "{:>6}  {:<6}  {:<6}  {:>10}  {:>12}",
+                "key", "active", "loaded", "passwords", "seals"
+            );
+            for id in ids {
+                let used = usage.iter().find(|u| u.key_id == id);
+                println!(
+                    "{:>6}  {:<6}  {:<6}  {:>10}  {:>12}",
+                    id,
+                    if id == keyring.active_key_id() {
+                        "yes"
+                    } else {
+                        ""
+                    },
+                    if keyring.holds(id) { "yes" } else { "NO" },
+                    used.map_or(0, |u| u.records),
+                    used.map_or(0, |u| u.seals),
+                );
+            }
+            println!(
+                "seal limit per key: {}",
+                metapass::crypto::MAX_SEALS_PER_KEY
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

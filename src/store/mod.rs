@@ -1,0 +1,299 @@
+//! The store: an instance registry and a per-instance metadata store of small values.
+//!
+//! Nova keeps an instance's password in its system metadata as four 255-character `password_N`
+//! values. metapass keeps the same shape (values of at most [`MAX_VALUE_LEN`] bytes, the password as
+//! chunks `password_0..N`), but what it splits into chunks is a sealed record (see [`crate::crypto`]),
+//! never the password itself.
+//!
+//! Every mutation takes a [`Gate`]: the store calls it with the outcome *inside* the transaction,
+//! before committing, and commits only if the gate's ticket resolves `Ok`. The API layer uses the
+//! gate to make the request's audit event durable first, so no change is ever committed without its
+//! audit record (see `SECURITY.md`, "Crash consistency").
+//!
+//! Set-once is one conditional update (`... WHERE password_set = 0`) inside that transaction: of N
+//! concurrent posts exactly one changes the row, the others see `AlreadySet`.
+//!
+//! Record versions come from one store-wide sequence, so a version is never reused, not even by an
+//! instance deleted and registered again: a sealed record copied back from a backup can never
+//! match the version its row holds now. Every seal first reserves a slot in its data key's seal
+//! counter ([`crate::crypto::MAX_SEALS_PER_KEY`]), in the same transaction, and the store keeps each
+//! key's check value so that a different secret under a known id is refused.
+
+pub mod chunks;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::crypto::{KeyCheck, KeyId, SealError};
+use crate::ids::{InstanceId, ProjectId};
+
+pub use chunks::{ChunkError, MAX_VALUE_LEN};
+
+/// The metadata field that holds the sealed password.
+pub const PASSWORD_FIELD: &str = "password";
+
+/// A registered instance as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceRecord {
+    /// The project (tenant) that owns the instance.
+    pub project_id: String,
+    /// Whether a password is currently set.
+    pub password_set: bool,
+    /// The record version: bumped by every set and every clear, bound into the seal.
+    pub password_version: u64,
+}
+
+/// An instance and the raw chunks of its sealed password, read in one statement.
+#[derive(Debug, Clone)]
+pub struct PasswordRecord {
+    /// The registry row.
+    pub instance: InstanceRecord,
+    /// The `password_N` chunks as stored, keyed by name, in no particular order.
+    pub chunks: Vec<(String, Vec<u8>)>,
+}
+
+/// What a registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// A new registry row.
+    Created,
+    /// Already registered to this project; nothing changed.
+    Unchanged,
+    /// Registered to another project; nothing changed.
+    OwnedByOther,
+}
+
+/// What a set-once did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// The password was stored under this record version.
+    Stored {
+        /// The new record version.
+        version: u64,
+    },
+    /// A password is already set; nothing changed.
+    AlreadySet,
+    /// No such instance.
+    NotFound,
+    /// The instance belongs to another project than the one claimed.
+    ProjectMismatch,
+}
+
+/// What a clear did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearOutcome {
+    /// The password is cleared (it may not have been set); the version was bumped.
+    Cleared {
+        /// Whether a password was set before.
+        was_set: bool,
+    },
+    /// No such instance.
+    NotFound,
+}
+
+/// What a deletion did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The instance and all its metadata are gone.
+    Deleted,
+    /// No such instance.
+    NotFound,
+}
+
+/// What the store knows of one data key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUsage {
+    /// The key id.
+    pub key_id: KeyId,
+    /// Passwords currently sealed under it.
+    pub records: u64,
+    /// Seals ever made under it (counted since it was first loaded).
+    pub seals: u64,
+    /// Whether the store has its check value (it has been loaded at least once).
+    pub known: bool,
+}
+
+/// What registering the loaded keys' check values found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeySync {
+    /// Ids seen for the first time (their check values are now recorded).
+    pub added: Vec<KeyId>,
+    /// Ids whose secret differs from the one recorded: nothing was recorded.
+    pub mismatched: Vec<KeyId>,
+}
+
+/// A record waiting to be resealed under the active key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrapCandidate {
+    /// The instance.
+    pub id: InstanceId,
+    /// Its record version now.
+    pub version: u64,
+    /// The key it is sealed under.
+    pub key_id: KeyId,
+}
+
+/// What one rewrap did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewrapOutcome {
+    /// Resealed under the new key, with a new record version.
+    Rewrapped {
+        /// The key it was sealed under.
+        from: KeyId,
+        /// The new record version.
+        version: u64,
+    },
+    /// The record changed (or vanished) since it was listed; nothing was done.
+    Skipped,
+    /// The record failed its integrity check; it was left as it is.
+    Unreadable {
+        /// The key it names.
+        from: KeyId,
+    },
+}
+
+/// Why a reseal could not open the old record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
+
+/// Opens the old sealed record (bound to the old version) and seals it again for the new version.
+pub type ResealFn =
+    Box<dyn FnOnce(&[u8], u64, u64) -> Result<Result<Vec<u8>, Unreadable>, SealError> + Send>;
+
+/// The gate's verdict arrives through this future: `Ok` lets the transaction commit.
+pub type GateTicket = Pin<Box<dyn Future<Output = Result<(), GateDenied>> + Send>>;
+
+/// Called with a mutation's outcome before its transaction commits (see the module docs).
+pub type Gate<O> = Box<dyn FnOnce(&O) -> GateTicket + Send>;
+
+/// Produces the sealed bytes for a record version, inside the set-once transaction.
+pub type SealFn = Box<dyn FnOnce(u64) -> Result<Vec<u8>, SealError> + Send>;
+
+/// The gate refused: the transaction was rolled back.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the commit gate refused: {0}")]
+pub struct GateDenied(pub String);
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database could not be reached or answered an error.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A gate in the batch refused (the audit log could not record), so nothing was committed.
+    #[error("not committed: a commit gate refused (gate passed for this operation: {gate_passed})")]
+    GateRefused {
+        /// Whether this operation's own gate had let it through before the rollback.
+        gate_passed: bool,
+    },
+    /// The transaction could not be started or committed; nothing was committed.
+    #[error("not committed (gate passed: {gate_passed}): {cause}")]
+    NotCommitted {
+        /// Whether the gate had resolved `Ok` for this operation before the rollback (its audit
+        /// event is durable and needs a correction).
+        gate_passed: bool,
+        /// What went wrong.
+        cause: String,
+    },
+    /// Sealing failed inside the transaction; nothing was committed.
+    #[error("sealing failed: {0}")]
+    Seal(#[from] SealError),
+    /// The data key has sealed [`crate::crypto::MAX_SEALS_PER_KEY`] records; nothing was sealed.
+    #[error("data key {0} has reached its seal limit; rotate the keys")]
+    KeyExhausted(KeyId),
+    /// The data key was never registered with the store ([`Store::sync_keys`]); nothing was sealed.
+    #[error("data key {0} is not registered with the store")]
+    UnknownKey(KeyId),
+    /// The database holds data this code cannot read (bad shape, newer schema).
+    #[error("store data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// The storage operations metapass needs. Implemented by [`sqlite::SqliteStore`].
+pub trait Store: Send + Sync + 'static {
+    /// Registers `id` to `project` (idempotent for the same project).
+    fn register(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        gate: Gate<RegisterOutcome>,
+    ) -> impl Future<Output = Result<RegisterOutcome, StoreError>> + Send;
+
+    /// The registry row of `id`, if registered.
+    fn instance(
+        &self,
+        id: &InstanceId,
+    ) -> impl Future<Output = Result<Option<InstanceRecord>, StoreError>> + Send;
+
+    /// The registry row and password chunks of `id`, read consistently in one statement.
+    fn password(
+        &self,
+        id: &InstanceId,
+    ) -> impl Future<Output = Result<Option<PasswordRecord>, StoreError>> + Send;
+
+    /// Stores a password for `id` if none is set and `id` belongs to `project`: one atomic
+    /// compare-and-set. A seal under `key_id` is reserved, then `seal` is called with the new
+    /// record version, inside the transaction.
+    fn set_password_once(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        key_id: KeyId,
+        seal: SealFn,
+        gate: Gate<SetOutcome>,
+    ) -> impl Future<Output = Result<SetOutcome, StoreError>> + Send;
+
+    /// Records the check values of the loaded keys: new ids are added; if any known id has another
+    /// check value, nothing is recorded and the outcome lists the mismatches.
+    fn sync_keys(
+        &self,
+        checks: Vec<(KeyId, KeyCheck)>,
+        gate: Gate<KeySync>,
+    ) -> impl Future<Output = Result<KeySync, StoreError>> + Send;
+
+    /// Every key the store knows of or that a record names, with its record and seal counts.
+    fn key_usage(&self) -> impl Future<Output = Result<Vec<KeyUsage>, StoreError>> + Send;
+
+    /// Up to `limit` records sealed under another key than `active`, after instance `after`, in
+    /// instance order.
+    fn rewrap_candidates(
+        &self,
+        active: KeyId,
+        after: Option<&InstanceId>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RewrapCandidate>, StoreError>> + Send;
+
+    /// Reseals the password of `candidate` under `to_key` with a new record version, if the
+    /// record is still what `candidate` says: one transaction, one reserved seal.
+    fn rewrap(
+        &self,
+        candidate: &RewrapCandidate,
+        to_key: KeyId,
+        reseal: ResealFn,
+        gate: Gate<RewrapOutcome>,
+    ) -> impl Future<Output = Result<RewrapOutcome, StoreError>> + Send;
+
+    /// Clears the password of `id` and bumps its record version, so the guest may post again.
+    fn clear_password(
+        &self,
+        id: &InstanceId,
+        gate: Gate<ClearOutcome>,
+    ) -> impl Future<Output = Result<ClearOutcome, StoreError>> + Send;
+
+    /// Deletes `id` and every metadata value it has, overwriting the freed bytes.
+    fn delete_instance(
+        &self,
+        id: &InstanceId,
+        gate: Gate<DeleteOutcome>,
+    ) -> impl Future<Output = Result<DeleteOutcome, StoreError>> + Send;
+
+    /// Checks that the store answers (for readiness).
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// A gate that lets everything through; for tools and tests that audit by other means.
+pub fn open_gate<O>() -> Gate<O> {
+    Box::new(|_| Box::pin(async { Ok(()) }))
+}

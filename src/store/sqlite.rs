@@ -1,0 +1,923 @@
+//! The embedded default store: one SQLite file in WAL mode with `synchronous=FULL`.
+//!
+//! Writes go through one writer thread that owns the only write connection. It takes every job that
+//! is queued (up to [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE` transaction (each inside its
+//! own savepoint), waits for every job's [`Gate`], and commits once: one fsync for the whole batch,
+//! which is what makes durable set-once fast under concurrency. If any gate refuses, the whole batch
+//! rolls back and every job learns whether its own gate had passed.
+//!
+//! Reads use a small pool of read-only connections and run inline on the calling task: a primary-key
+//! read in WAL mode never waits for the writer, and takes microseconds.
+//!
+//! `secure_delete` is on, and a batch that purged a password checkpoints and truncates the WAL, so
+//! bytes of a cleared or deleted record do not linger in the files.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    ClearOutcome, DeleteOutcome, Gate, GateTicket, InstanceRecord, KeySync, KeyUsage,
+    PASSWORD_FIELD, PasswordRecord, RegisterOutcome, ResealFn, RewrapCandidate, RewrapOutcome,
+    SealFn, SetOutcome, Store, StoreError, chunks,
+};
+use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
+use crate::ids::{InstanceId, ProjectId};
+
+/// The most jobs committed in one transaction.
+pub const MAX_BATCH: usize = 512;
+/// How many write jobs may wait for the writer before callers wait to enqueue.
+pub const QUEUE_CAPACITY: usize = 4096;
+/// How many idle read connections are kept.
+const MAX_IDLE_READERS: usize = 16;
+/// How long a connection waits on a lock held by another process before failing.
+const BUSY_TIMEOUT_MS: u32 = 5_000;
+
+/// The schema, one entry per version; `PRAGMA user_version` records how many have been applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: registry and chunked metadata.
+    "CREATE TABLE instances (
+        instance_id TEXT NOT NULL PRIMARY KEY,
+        project_id TEXT NOT NULL,
+        password_set INTEGER NOT NULL DEFAULT 0 CHECK (password_set IN (0, 1)),
+        password_version INTEGER NOT NULL DEFAULT 0 CHECK (password_version >= 0),
+        password_key_id INTEGER,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE instance_metadata (
+        instance_id TEXT NOT NULL REFERENCES instances(instance_id) ON DELETE CASCADE,
+        key TEXT NOT NULL CHECK (length(key) BETWEEN 1 AND 255),
+        value BLOB NOT NULL CHECK (length(value) BETWEEN 1 AND 255),
+        PRIMARY KEY (instance_id, key)
+     ) STRICT, WITHOUT ROWID;",
+    // 2: data-key bookkeeping (check values, seal counters) and the store-wide version sequence.
+    "CREATE TABLE data_keys (
+        key_id INTEGER NOT NULL PRIMARY KEY CHECK (key_id >= 0),
+        check_value BLOB NOT NULL CHECK (length(check_value) = 32),
+        seals INTEGER NOT NULL CHECK (seals >= 0),
+        first_seen INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE record_versions (
+        id INTEGER NOT NULL PRIMARY KEY CHECK (id = 1),
+        last INTEGER NOT NULL CHECK (last >= 0)
+     ) STRICT;
+     INSERT INTO record_versions (id, last)
+        SELECT 1, coalesce(max(password_version), 0) FROM instances;
+     CREATE INDEX instances_by_key ON instances (password_key_id) WHERE password_set = 1;",
+];
+
+/// A job for the writer thread: runs inside the batch transaction, then hears how the batch ended.
+trait Job: Send {
+    /// Runs the job's statements and calls its gate with the outcome.
+    fn execute(&mut self, conn: &Connection) -> Result<GateTicket, StoreError>;
+    /// Whether the job removes a sealed record (the batch then truncates the WAL).
+    fn purges(&self) -> bool;
+    /// Delivers the result: `None` if the batch committed, or why this job's work was lost.
+    fn finish(self: Box<Self>, failure: Option<StoreError>);
+}
+
+struct TypedJob<O, F> {
+    run: Option<F>,
+    gate: Option<Gate<O>>,
+    outcome: Option<O>,
+    reply: Option<oneshot::Sender<Result<O, StoreError>>>,
+    purges: bool,
+}
+
+impl<O, F> Job for TypedJob<O, F>
+where
+    O: Send + 'static,
+    F: FnOnce(&Connection) -> Result<O, StoreError> + Send,
+{
+    fn execute(&mut self, conn: &Connection) -> Result<GateTicket, StoreError> {
+        let run = self.run.take().expect("a job executes once");
+        let outcome = run(conn)?;
+        let gate = self.gate.take().expect("a job executes once");
+        let ticket = gate(&outcome);
+        self.outcome = Some(outcome);
+        Ok(ticket)
+    }
+
+    fn purges(&self) -> bool {
+        self.purges
+    }
+
+    fn finish(mut self: Box<Self>, failure: Option<StoreError>) {
+        let result = match (failure, self.outcome.take()) {
+            (None, Some(outcome)) => Ok(outcome),
+            (Some(e), _) => Err(e),
+            (None, None) => Err(StoreError::Unavailable("job did not run".into())),
+        };
+        if let Some(reply) = self.reply.take() {
+            // The caller may have gone away (connection closed); the result is then unneeded.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    jobs: mpsc::Sender<Box<dyn Job>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed, mode 0600 in a 0700 directory) the database at `path`, applies
+    /// migrations, and starts the writer thread. Must be called inside a Tokio runtime: the writer
+    /// waits for gates on it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StoreError::Unavailable(format!("creating {}: {e}", dir.display())))?;
+        }
+        // Create the file ourselves so it is never world-readable, even for an instant. SQLite gives
+        // the -wal and -shm files the database file's mode.
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StoreError::Unavailable(format!("opening {}: {e}", path.display())))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::Unavailable(format!("chmod {}: {e}", path.display())))?;
+
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        configure_writer(&conn)?;
+        migrate(&mut conn)?;
+
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            StoreError::Unavailable("the SQLite store needs a Tokio runtime".into())
+        })?;
+        thread::Builder::new()
+            .name("metapass-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx, runtime))
+            .map_err(|e| StoreError::Unavailable(format!("starting writer: {e}")))?;
+        Ok(Self {
+            path: path.to_owned(),
+            jobs: tx,
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a pooled read-only connection.
+    fn read<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let pooled = self
+            .readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_reader(&self.path)?,
+        };
+        let result = f(&conn);
+        let mut idle = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+
+    /// Hands a job to the writer thread and waits for its result.
+    async fn write<O, F>(&self, gate: Gate<O>, purges: bool, run: F) -> Result<O, StoreError>
+    where
+        O: Send + 'static,
+        F: FnOnce(&Connection) -> Result<O, StoreError> + Send + 'static,
+    {
+        let (reply, result) = oneshot::channel();
+        let job = TypedJob {
+            run: Some(run),
+            gate: Some(gate),
+            outcome: None,
+            reply: Some(reply),
+            purges,
+        };
+        self.jobs
+            .send(Box::new(job))
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
+        result
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer thread dropped the job".into()))?
+    }
+}
+
+fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS.into()))
+        .map_err(db_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(db_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Unavailable(format!(
+            "journal_mode is {mode}, not wal"
+        )));
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA secure_delete = ON;",
+    )
+    .map_err(db_err)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS.into()))
+        .map_err(db_err)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let applied: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_err)?;
+    let applied = usize::try_from(applied)
+        .map_err(|_| StoreError::Corrupt(format!("negative schema version {applied}")))?;
+    if applied > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {applied} is newer than this metapass knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        let version = i64::try_from(i + 1).expect("a handful of migrations fit in i64");
+        tx.pragma_update(None, "user_version", version)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(version = i + 1, "applied SQLite schema migration");
+    }
+    Ok(())
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Box<dyn Job>>,
+    runtime: tokio::runtime::Handle,
+) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = Vec::with_capacity(64);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch, &runtime);
+    }
+    tracing::debug!("SQLite writer stopped: no more senders");
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    mut batch: Vec<Box<dyn Job>>,
+    runtime: &tokio::runtime::Handle,
+) {
+    let purges = batch.iter().any(|j| j.purges());
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let cause = e.to_string();
+            for job in batch {
+                job.finish(Some(StoreError::NotCommitted {
+                    gate_passed: false,
+                    cause: cause.clone(),
+                }));
+            }
+            return;
+        }
+    };
+
+    // Run every job in its own savepoint, so one job's error undoes only its own statements.
+    let mut tickets: Vec<Option<GateTicket>> = Vec::with_capacity(batch.len());
+    let mut errors: Vec<Option<StoreError>> = Vec::with_capacity(batch.len());
+    for job in batch.iter_mut() {
+        let result = tx
+            .execute_batch("SAVEPOINT job")
+            .map_err(db_err)
+            .and_then(|()| job.execute(&tx));
+        match result {
+            Ok(ticket) => {
+                let released = tx.execute_batch("RELEASE job").map_err(db_err);
+                tickets.push(Some(ticket));
+                errors.push(released.err());
+            }
+            Err(e) => {
+                let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+                tickets.push(None);
+                errors.push(Some(e));
+            }
+        }
+    }
+
+    // Wait for every gate (the audit events of the whole batch), then commit once.
+    let verdicts: Vec<Option<bool>> = runtime.block_on(async {
+        let mut verdicts = Vec::with_capacity(tickets.len());
+        for ticket in tickets {
+            verdicts.push(match ticket {
+                Some(t) => Some(t.await.is_ok()),
+                None => None,
+            });
+        }
+        verdicts
+    });
+    let gates_passed = verdicts.iter().all(|v| *v != Some(false));
+    // A job that ran (it has a verdict) but whose savepoint could not be released is in an
+    // unknown state: do not commit it.
+    let released = errors
+        .iter()
+        .zip(&verdicts)
+        .all(|(e, v)| e.is_none() || v.is_none());
+    let commit = if !gates_passed {
+        let _ = tx.rollback();
+        Err(None)
+    } else if !released {
+        let _ = tx.rollback();
+        Err(Some("a savepoint could not be released".to_owned()))
+    } else {
+        tx.commit().map_err(|e| Some(e.to_string()))
+    };
+
+    match commit {
+        Ok(()) => {
+            // Purge the WAL before answering: when a clear or delete is acknowledged, the old
+            // sealed bytes are already gone from every file.
+            if purges {
+                truncate_wal(conn);
+            }
+            for (job, error) in batch.into_iter().zip(errors) {
+                job.finish(error);
+            }
+        }
+        Err(cause) => {
+            for ((job, error), verdict) in batch.into_iter().zip(errors).zip(verdicts) {
+                let gate_passed = verdict == Some(true);
+                let failure = match (verdict, error, &cause) {
+                    (None, Some(e), _) => e,
+                    (_, _, None) => StoreError::GateRefused { gate_passed },
+                    (_, _, Some(cause)) => StoreError::NotCommitted {
+                        gate_passed,
+                        cause: cause.clone(),
+                    },
+                };
+                job.finish(Some(failure));
+            }
+        }
+    }
+}
+
+/// Copies the WAL into the database and truncates it, so purged pages (zeroed by `secure_delete`)
+/// replace the old ones everywhere. The busy timeout lets in-flight reads finish first; if one is
+/// still running after it, the old frames stay until the next purge and a warning is logged.
+fn truncate_wal(conn: &Connection) {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    }) {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!("WAL checkpoint after a purge was blocked by a reader"),
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint after a purge failed"),
+    }
+}
+
+fn version_from(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative record version {v}")))
+}
+
+fn instance_row(conn: &Connection, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
+    conn.prepare_cached(
+        "SELECT project_id, password_set, password_version FROM instances WHERE instance_id = ?1",
+    )
+    .map_err(db_err)?
+    .query_row([id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })
+    .optional()
+    .map_err(db_err)?
+    .map(|(project_id, set, version)| {
+        Ok(InstanceRecord {
+            project_id,
+            password_set: set != 0,
+            password_version: version_from(version)?,
+        })
+    })
+    .transpose()
+}
+
+/// The next record version of the store-wide sequence (inside the caller's transaction).
+fn next_version(conn: &Connection) -> Result<u64, StoreError> {
+    let v: i64 = conn
+        .prepare_cached("UPDATE record_versions SET last = last + 1 WHERE id = 1 RETURNING last")
+        .map_err(db_err)?
+        .query_row([], |r| r.get(0))
+        .map_err(db_err)?;
+    version_from(v)
+}
+
+/// Takes one seal from `key_id`'s budget, or says why not (inside the caller's transaction).
+fn reserve_seal(conn: &Connection, key_id: KeyId) -> Result<(), StoreError> {
+    let limit = i64::try_from(MAX_SEALS_PER_KEY).expect("the limit fits in i64");
+    let taken = conn
+        .prepare_cached("UPDATE data_keys SET seals = seals + 1 WHERE key_id = ?1 AND seals < ?2")
+        .map_err(db_err)?
+        .execute(params![key_id, limit])
+        .map_err(db_err)?;
+    if taken == 1 {
+        return Ok(());
+    }
+    let known: Option<i64> = conn
+        .prepare_cached("SELECT seals FROM data_keys WHERE key_id = ?1")
+        .map_err(db_err)?
+        .query_row([key_id], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?;
+    Err(match known {
+        Some(_) => StoreError::KeyExhausted(key_id),
+        None => StoreError::UnknownKey(key_id),
+    })
+}
+
+/// Replaces the chunks of `field` with those of `sealed`.
+fn write_chunks(conn: &Connection, id: &str, sealed: &[u8]) -> Result<(), StoreError> {
+    delete_field(conn, id, PASSWORD_FIELD)?;
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO instance_metadata (instance_id, key, value) VALUES (?1, ?2, ?3)",
+        )
+        .map_err(db_err)?;
+    for (key, value) in chunks::split(PASSWORD_FIELD, sealed) {
+        insert.execute(params![id, key, value]).map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// Every key the store knows or a record names, with counts (see [`Store::key_usage`]).
+fn key_usage_on(conn: &Connection) -> Result<Vec<KeyUsage>, StoreError> {
+    let mut usage = std::collections::BTreeMap::<KeyId, KeyUsage>::new();
+    let mut known = conn
+        .prepare_cached("SELECT key_id, seals FROM data_keys")
+        .map_err(db_err)?;
+    let rows = known
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (id, seals) = row.map_err(db_err)?;
+        let key_id = key_id_from(id)?;
+        usage.insert(
+            key_id,
+            KeyUsage {
+                key_id,
+                records: 0,
+                seals: version_from(seals)?,
+                known: true,
+            },
+        );
+    }
+    let mut counted = conn
+        .prepare_cached(
+            "SELECT password_key_id, count(*) FROM instances
+             WHERE password_set = 1 AND password_key_id IS NOT NULL GROUP BY password_key_id",
+        )
+        .map_err(db_err)?;
+    let rows = counted
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (id, records) = row.map_err(db_err)?;
+        let key_id = key_id_from(id)?;
+        let entry = usage.entry(key_id).or_insert(KeyUsage {
+            key_id,
+            records: 0,
+            seals: 0,
+            known: false,
+        });
+        entry.records = version_from(records)?;
+    }
+    Ok(usage.into_values().collect())
+}
+
+fn key_id_from(v: i64) -> Result<KeyId, StoreError> {
+    KeyId::try_from(v).map_err(|_| StoreError::Corrupt(format!("key id {v} out of range")))
+}
+
+/// Key usage read straight from the database file at `path`, read-only, for `metapass keys
+/// status` (the daemon may be serving from it meanwhile).
+pub fn read_key_usage(path: &Path) -> Result<Vec<KeyUsage>, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Unavailable(format!(
+            "{} does not exist (has the daemon ever run with this configuration?)",
+            path.display()
+        )));
+    }
+    let conn = open_reader(path)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(db_err)?;
+    if usize::try_from(version).ok() != Some(MIGRATIONS.len()) {
+        return Err(StoreError::Unavailable(format!(
+            "{} has schema version {version}; start this metapass once to migrate it",
+            path.display()
+        )));
+    }
+    key_usage_on(&conn)
+}
+
+fn delete_field(conn: &Connection, id: &str, field: &str) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM instance_metadata WHERE instance_id = ?1 AND key GLOB ?2")
+        .map_err(db_err)?
+        .execute(params![id, format!("{field}_*")])
+        .map_err(db_err)?;
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    async fn register(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        gate: Gate<RegisterOutcome>,
+    ) -> Result<RegisterOutcome, StoreError> {
+        let (id, project) = (id.to_string(), project.to_string());
+        self.write(gate, false, move |conn| {
+            let now = now_unix();
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO instances (instance_id, project_id, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?3) ON CONFLICT (instance_id) DO NOTHING",
+                )
+                .map_err(db_err)?
+                .execute(params![id, project, now])
+                .map_err(db_err)?;
+            if inserted == 1 {
+                return Ok(RegisterOutcome::Created);
+            }
+            let existing = instance_row(conn, &id)?
+                .ok_or_else(|| StoreError::Corrupt("conflicting row vanished".into()))?;
+            Ok(if existing.project_id == project {
+                RegisterOutcome::Unchanged
+            } else {
+                RegisterOutcome::OwnedByOther
+            })
+        })
+        .await
+    }
+
+    async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
+        self.read(|conn| instance_row(conn, id.as_str()))
+    }
+
+    async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT i.project_id, i.password_set, i.password_version, m.key, m.value
+                     FROM instances i
+                     LEFT JOIN instance_metadata m
+                       ON m.instance_id = i.instance_id AND m.key GLOB ?2
+                     WHERE i.instance_id = ?1",
+                )
+                .map_err(db_err)?;
+            let mut rows = stmt
+                .query(params![id.as_str(), format!("{PASSWORD_FIELD}_*")])
+                .map_err(db_err)?;
+            let mut record: Option<PasswordRecord> = None;
+            while let Some(row) = rows.next().map_err(db_err)? {
+                if record.is_none() {
+                    record = Some(PasswordRecord {
+                        instance: InstanceRecord {
+                            project_id: row.get(0).map_err(db_err)?,
+                            password_set: row.get::<_, i64>(1).map_err(db_err)? != 0,
+                            password_version: version_from(row.get(2).map_err(db_err)?)?,
+                        },
+                        chunks: Vec::new(),
+                    });
+                }
+                let key: Option<String> = row.get(3).map_err(db_err)?;
+                if let (Some(key), Some(rec)) = (key, record.as_mut()) {
+                    if rec.chunks.len() >= chunks::MAX_CHUNKS {
+                        return Err(StoreError::Corrupt("too many password chunks".into()));
+                    }
+                    rec.chunks.push((key, row.get(4).map_err(db_err)?));
+                }
+            }
+            Ok(record)
+        })
+    }
+
+    async fn set_password_once(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        key_id: KeyId,
+        seal: SealFn,
+        gate: Gate<SetOutcome>,
+    ) -> Result<SetOutcome, StoreError> {
+        let (id, project) = (id.to_string(), project.to_string());
+        self.write(gate, false, move |conn| {
+            // The compare-and-set: only a row with no password changes, and only once. The new
+            // version is the sequence's next, taken below in the same transaction.
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE instances
+                     SET password_set = 1,
+                         password_version = (SELECT last + 1 FROM record_versions WHERE id = 1),
+                         password_key_id = ?4, updated_at = ?3
+                     WHERE instance_id = ?1 AND project_id = ?2 AND password_set = 0",
+                )
+                .map_err(db_err)?
+                .execute(params![id, project, now_unix(), key_id])
+                .map_err(db_err)?;
+            if changed == 0 {
+                return Ok(match instance_row(conn, &id)? {
+                    None => SetOutcome::NotFound,
+                    Some(r) if r.project_id != project => SetOutcome::ProjectMismatch,
+                    Some(_) => SetOutcome::AlreadySet,
+                });
+            }
+            let version = next_version(conn)?;
+            reserve_seal(conn, key_id)?;
+            let sealed = seal(version)?;
+            if sealed_key_id(&sealed) != Some(key_id) {
+                return Err(StoreError::Corrupt(
+                    "a seal named another key than the one reserved".into(),
+                ));
+            }
+            write_chunks(conn, &id, &sealed)?;
+            Ok(SetOutcome::Stored { version })
+        })
+        .await
+    }
+
+    async fn sync_keys(
+        &self,
+        checks: Vec<(KeyId, KeyCheck)>,
+        gate: Gate<KeySync>,
+    ) -> Result<KeySync, StoreError> {
+        self.write(gate, false, move |conn| {
+            let mut outcome = KeySync::default();
+            let mut lookup = conn
+                .prepare_cached("SELECT check_value FROM data_keys WHERE key_id = ?1")
+                .map_err(db_err)?;
+            for (id, check) in &checks {
+                let stored: Option<Vec<u8>> = lookup
+                    .query_row([id], |r| r.get(0))
+                    .optional()
+                    .map_err(db_err)?;
+                match stored {
+                    Some(stored) => {
+                        use subtle::ConstantTimeEq;
+                        if !bool::from(stored.as_slice().ct_eq(check.as_slice())) {
+                            outcome.mismatched.push(*id);
+                        }
+                    }
+                    None => outcome.added.push(*id),
+                }
+            }
+            if !outcome.mismatched.is_empty() {
+                outcome.added.clear();
+                return Ok(outcome);
+            }
+            let mut insert = conn
+                .prepare_cached(
+                    "INSERT INTO data_keys (key_id, check_value, seals, first_seen)
+                     VALUES (?1, ?2,
+                       (SELECT count(*) FROM instances WHERE password_set = 1 AND password_key_id = ?1),
+                       ?3)",
+                )
+                .map_err(db_err)?;
+            for (id, check) in checks.iter().filter(|(id, _)| outcome.added.contains(id)) {
+                insert
+                    .execute(params![id, check.as_slice(), now_unix()])
+                    .map_err(db_err)?;
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        self.read(key_usage_on)
+    }
+
+    async fn rewrap_candidates(
+        &self,
+        active: KeyId,
+        after: Option<&InstanceId>,
+        limit: usize,
+    ) -> Result<Vec<RewrapCandidate>, StoreError> {
+        let after = after.map_or_else(String::new, |a| a.to_string());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT instance_id, password_version, password_key_id FROM instances
+                     WHERE password_set = 1 AND password_key_id IS NOT NULL
+                       AND password_key_id != ?1 AND instance_id > ?2
+                     ORDER BY instance_id LIMIT ?3",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map(params![active, after, limit], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, version, key) = row.map_err(db_err)?;
+                out.push(RewrapCandidate {
+                    id: InstanceId::parse(&id)
+                        .map_err(|_| StoreError::Corrupt(format!("bad instance id {id:?}")))?,
+                    version: version_from(version)?,
+                    key_id: key_id_from(key)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    async fn rewrap(
+        &self,
+        candidate: &RewrapCandidate,
+        to_key: KeyId,
+        reseal: ResealFn,
+        gate: Gate<RewrapOutcome>,
+    ) -> Result<RewrapOutcome, StoreError> {
+        let (id, expected) = (candidate.id.to_string(), candidate.clone());
+        self.write(gate, false, move |conn| {
+            // Still the record that was listed? Anything else (changed, cleared, deleted) is left.
+            let current: Option<(i64, i64, Option<i64>)> = conn
+                .prepare_cached(
+                    "SELECT password_set, password_version, password_key_id FROM instances
+                     WHERE instance_id = ?1",
+                )
+                .map_err(db_err)?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+                .map_err(db_err)?;
+            let still = matches!(current, Some((1, v, Some(k)))
+                if version_from(v).ok() == Some(expected.version)
+                    && key_id_from(k).ok() == Some(expected.key_id));
+            if !still {
+                return Ok(RewrapOutcome::Skipped);
+            }
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT key, value FROM instance_metadata WHERE instance_id = ?1 AND key GLOB ?2",
+                )
+                .map_err(db_err)?;
+            let stored: Vec<(String, Vec<u8>)> = stmt
+                .query_map(params![id, format!("{PASSWORD_FIELD}_*")], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .map_err(db_err)?
+                .collect::<Result<_, _>>()
+                .map_err(db_err)?;
+            let Ok(old) = chunks::join(PASSWORD_FIELD, &stored) else {
+                return Ok(RewrapOutcome::Unreadable {
+                    from: expected.key_id,
+                });
+            };
+            let version = next_version(conn)?;
+            reserve_seal(conn, to_key)?;
+            let Ok(sealed) = reseal(&old, expected.version, version)? else {
+                // The record stays as it is. The version number and seal slot taken above are
+                // spent unused: a skipped version and an over-count are both harmless.
+                return Ok(RewrapOutcome::Unreadable {
+                    from: expected.key_id,
+                });
+            };
+            if sealed_key_id(&sealed) != Some(to_key) {
+                return Err(StoreError::Corrupt(
+                    "a seal named another key than the one reserved".into(),
+                ));
+            }
+            write_chunks(conn, &id, &sealed)?;
+            conn.prepare_cached(
+                "UPDATE instances SET password_version = ?2, password_key_id = ?3, updated_at = ?4
+                 WHERE instance_id = ?1",
+            )
+            .map_err(db_err)?
+            .execute(params![id, i64::try_from(version).unwrap_or(i64::MAX), to_key, now_unix()])
+            .map_err(db_err)?;
+            Ok(RewrapOutcome::Rewrapped {
+                from: expected.key_id,
+                version,
+            })
+        })
+        .await
+    }
+
+    async fn clear_password(
+        &self,
+        id: &InstanceId,
+        gate: Gate<ClearOutcome>,
+    ) -> Result<ClearOutcome, StoreError> {
+        let id = id.to_string();
+        self.write(gate, true, move |conn| {
+            // Inside the IMMEDIATE transaction of the only writer: nothing changes between the read
+            // and the update.
+            let Some(before) = instance_row(conn, &id)? else {
+                return Ok(ClearOutcome::NotFound);
+            };
+            let version = next_version(conn)?;
+            conn.prepare_cached(
+                "UPDATE instances
+                 SET password_set = 0, password_version = ?3,
+                     password_key_id = NULL, updated_at = ?2
+                 WHERE instance_id = ?1",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                id,
+                now_unix(),
+                i64::try_from(version).unwrap_or(i64::MAX)
+            ])
+            .map_err(db_err)?;
+            delete_field(conn, &id, PASSWORD_FIELD)?;
+            Ok(ClearOutcome::Cleared {
+                was_set: before.password_set,
+            })
+        })
+        .await
+    }
+
+    async fn delete_instance(
+        &self,
+        id: &InstanceId,
+        gate: Gate<DeleteOutcome>,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let id = id.to_string();
+        self.write(gate, true, move |conn| {
+            conn.prepare_cached("DELETE FROM instance_metadata WHERE instance_id = ?1")
+                .map_err(db_err)?
+                .execute([&id])
+                .map_err(db_err)?;
+            let deleted = conn
+                .prepare_cached("DELETE FROM instances WHERE instance_id = ?1")
+                .map_err(db_err)?
+                .execute([&id])
+                .map_err(db_err)?;
+            Ok(if deleted == 1 {
+                DeleteOutcome::Deleted
+            } else {
+                DeleteOutcome::NotFound
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
+    }
+}

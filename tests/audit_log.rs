@@ -1,0 +1,736 @@
+//! The audit log as a security reviewer relies on it: a pinned schema, a verifiable chain across
+//! rotated files, tampering reported at the first bad sequence number, fail-closed behaviour when
+//! the disk is full, no acknowledged write lost to SIGKILL, and the reviewer tools.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use serde_json::Value;
+
+/// Drives one of each kind of request a deployment sees.
+async fn mixed_traffic(client: &Client) {
+    let id = new_instance();
+    client.register(&id, "project-a").await;
+    let sig = sign(&id);
+    client.get_password(&id, "project-a").await;
+    client.post_password(&id, "project-a", "blob").await;
+    client.post_password(&id, "project-a", "again").await;
+    client.get_password(&id, "project-a").await;
+    client.get_password(&id, "project-b").await;
+    client.get_password(&new_instance(), "project-a").await;
+    client
+        .post_password(&id, "project-a", vec![b'x'; 2000])
+        .await;
+    let bad_sig = [
+        ("x-instance-id", id.as_str()),
+        ("x-tenant-id", "project-a"),
+        ("x-instance-id-signature", &sig[2..]),
+    ];
+    client.get("/openstack/latest/password", &bad_sig).await;
+    client
+        .get("/openstack/latest/password", &[("x-forwarded-for", "nope")])
+        .await;
+    client
+        .send(Method::PUT, "/openstack/latest/password", &[], "")
+        .await;
+    client.get("/openstack", &[]).await;
+    client.get("/v2.1/", &[]).await;
+    let pw = format!("/v2.1/servers/{id}/os-server-password");
+    client.get(&pw, &[("x-auth-token", TOKEN_A)]).await;
+    client.get(&pw, &[("x-auth-token", TOKEN_B)]).await;
+    client.get(&pw, &[]).await;
+    client
+        .send(Method::DELETE, &pw, &[("x-auth-token", READER_A)], "")
+        .await;
+    client
+        .send(Method::DELETE, &pw, &[("x-auth-token", TOKEN_A)], "")
+        .await;
+    client
+        .get(&format!("/v2.1/servers/{id}"), &[("x-auth-token", TOKEN_A)])
+        .await;
+    client
+        .get(
+            &pw,
+            &[
+                ("x-auth-token", TOKEN_A),
+                ("openstack-api-version", "compute 2.99"),
+            ],
+        )
+        .await;
+    client
+        .get(
+            &format!("/admin/v1/instances/{id}"),
+            &[("x-auth-token", ADMIN_TOKEN)],
+        )
+        .await;
+    client
+        .send(
+            Method::PUT,
+            &format!("/admin/v1/instances/{id}"),
+            &[("x-auth-token", ADMIN_TOKEN)],
+            "{",
+        )
+        .await;
+    client
+        .send(
+            Method::DELETE,
+            &format!("/admin/v1/instances/{id}"),
+            &[("x-auth-token", ADMIN_TOKEN)],
+            "",
+        )
+        .await;
+    client.get("/healthz", &[]).await;
+    client.get("/readyz", &[]).await;
+    client.get("/metrics", &[]).await;
+    client.get("/nowhere/../etc", &[]).await;
+    client
+        .raw(b"NOT HTTP AT ALL\r\n\r\n", Duration::from_secs(2))
+        .await;
+}
+
+#[tokio::test]
+async fn a_real_runs_events_validate_against_the_pinned_schema() {
+    let daemon = Daemon::start();
+    mixed_traffic(&daemon.client()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await; // the unparsed request's event lands as its connection ends
+    let validator = schema_validator();
+    assert_eq!(
+        daemon.request_events().len(),
+        28,
+        "one event for each of the 28 requests"
+    );
+    // Every event is validated, the daemon's own startup keys:load event included.
+    let events = daemon.audit_events();
+    assert_eq!(events.len(), 29);
+    for event in &events {
+        let errors: Vec<String> = validator
+            .iter_errors(event)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "event {} does not match the schema: {errors:?}\n{event:#}",
+            event["seq"]
+        );
+        assert_eq!(event["seq"], event["metadata"]["sequence"]);
+    }
+    // Every operation and outcome class appeared.
+    for outcome in ["success", "denied", "failure"] {
+        assert!(
+            events.iter().any(|e| e["unmapped"]["outcome"] == outcome),
+            "{outcome}"
+        );
+    }
+    // The schema is strict: an extra field anywhere, or a secret-looking one, is refused.
+    let mut leaky = events[0].clone();
+    leaky["unmapped"]["password"] = Value::from("hunter2");
+    assert!(!validator.is_valid(&leaky));
+}
+
+/// A config whose audit log rotates every `bytes`.
+fn rotating_config(dir: &Path, bytes: u64) -> PathBuf {
+    config_with(dir, |t| {
+        t.replace(
+            "max_file_bytes = 67108864",
+            &format!("max_file_bytes = {bytes}"),
+        )
+    })
+}
+
+async fn rotated_log(rotate_bytes: u64) -> (Daemon, Vec<PathBuf>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = rotating_config(dir.path(), rotate_bytes);
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    for _ in 0..4 {
+        mixed_traffic(&client).await;
+    }
+    let files = metapass::audit::review::files_of(&daemon.audit_dir()).unwrap();
+    (daemon, files)
+}
+
+#[tokio::test]
+async fn rotation_continues_the_chain_across_files() {
+    let (daemon, files) = rotated_log(4096).await;
+    assert!(files.len() >= 10, "rotated into {} files", files.len());
+    let mut last: Option<Value> = None;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let first = &lines[0];
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            name.starts_with(&format!("audit-{:020}-", first["seq"].as_u64().unwrap())),
+            "{name}"
+        );
+        if let Some(last) = &last {
+            assert_eq!(
+                first["seq"].as_u64().unwrap(),
+                last["seq"].as_u64().unwrap() + 1
+            );
+            assert_eq!(
+                first["prev"], last["mac"],
+                "{name} continues the previous file's chain"
+            );
+        } else {
+            assert_eq!(first["seq"], 1);
+            assert_eq!(first["prev"], "0".repeat(64));
+        }
+        last = Some(lines.last().unwrap().clone());
+    }
+    let (ok, out) = daemon.verify_audit();
+    assert!(
+        ok && out.contains(&format!("in {} files", files.len())),
+        "{out}"
+    );
+}
+
+/// Runs `metapass audit verify --audit-key <dev key> FILES`; returns (exit code, stdout).
+fn verify_files(files: &[PathBuf]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "verify", "--audit-key"])
+        .arg(repo().join("policy/dev-audit-key.toml"))
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Copies `files` into a fresh directory, applies `tamper` to the copies, and verifies them.
+fn tampered(files: &[PathBuf], tamper: impl FnOnce(&mut Vec<PathBuf>)) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut copies: Vec<PathBuf> = files
+        .iter()
+        .map(|f| {
+            let to = dir.path().join(f.file_name().unwrap());
+            std::fs::copy(f, &to).unwrap();
+            to
+        })
+        .collect();
+    tamper(&mut copies);
+    verify_files(&copies)
+}
+
+fn edit_lines(file: &Path, edit: impl FnOnce(&mut Vec<String>)) {
+    let mut lines: Vec<String> = std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    edit(&mut lines);
+    std::fs::write(file, lines.join("\n") + "\n").unwrap();
+}
+
+fn seq_of(line: &str) -> u64 {
+    serde_json::from_str::<Value>(line).unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn verify_names_the_first_bad_sequence_number_for_every_kind_of_tampering() {
+    let (_daemon, files) = rotated_log(16384).await;
+    assert!(files.len() >= 4, "{} files", files.len());
+    let (code, out) = verify_files(&files);
+    assert_eq!(code, 0, "{out}");
+    let total: usize = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap().lines().count())
+        .sum();
+    assert!(out.starts_with(&format!("OK: {total} events")), "{out}");
+    let middle = files.len() / 2;
+    let second_line_seq = seq_of(
+        std::fs::read_to_string(&files[middle])
+            .unwrap()
+            .lines()
+            .nth(1)
+            .unwrap(),
+    );
+
+    // Edited: one character of an event changed.
+    let (code, out) = tampered(&files, |f| {
+        edit_lines(&f[middle], |l| {
+            l[1] = l[1].replacen("\"status_code\":\"", "\"status_code\":\"9", 1)
+        })
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("first bad sequence number {second_line_seq}"))
+            && out.contains("MAC mismatch"),
+        "{out}"
+    );
+
+    // Deleted: one line removed.
+    let (code, out) = tampered(&files, |f| {
+        edit_lines(&f[middle], |l| {
+            l.remove(1);
+        })
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("first bad sequence number {second_line_seq}"))
+            && out.contains("deleted"),
+        "{out}"
+    );
+
+    // Reordered: two lines swapped.
+    let (code, out) = tampered(&files, |f| edit_lines(&f[middle], |l| l.swap(1, 2)));
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("first bad sequence number {second_line_seq}")),
+        "{out}"
+    );
+
+    // Inserted: a genuine line replayed.
+    let (code, out) = tampered(&files, |f| {
+        edit_lines(&f[middle], |l| {
+            let copy = l[0].clone();
+            l.insert(1, copy);
+        })
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("first bad sequence number {second_line_seq}")),
+        "{out}"
+    );
+
+    // A gap between files: a middle file deleted.
+    let first_of_next = seq_of(
+        std::fs::read_to_string(&files[middle + 1])
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    );
+    let first_of_missing = seq_of(
+        std::fs::read_to_string(&files[middle])
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    );
+    let (code, out) = tampered(&files, |f| {
+        f.remove(middle);
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("first bad sequence number {first_of_missing}"))
+            && out.contains(&format!(
+                "sequence {first_of_next} where {first_of_missing} was expected"
+            )),
+        "{out}"
+    );
+
+    // A torn last line (a crash mid-write) is reported as such, not as tampering.
+    let (code, out) = tampered(&files, |f| {
+        let last = f.last().unwrap();
+        let mut bytes = std::fs::read(last).unwrap();
+        bytes.extend_from_slice(b"{\"activity_id\":2,\"activity_na");
+        std::fs::write(last, bytes).unwrap();
+    });
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("torn line") && out.starts_with("warning:"),
+        "{out}"
+    );
+
+    // A forged line with a recomputed-looking but wrong MAC.
+    let (code, out) = tampered(&files, |f| {
+        edit_lines(&f[0], |l| {
+            let end = l[0].len() - 66;
+            l[0].replace_range(end..end + 64, &"a".repeat(64));
+        })
+    });
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("first bad sequence number 1"), "{out}");
+}
+
+/// The daemon with its audit log on a 1 MiB tmpfs in a private mount namespace, reachable from here
+/// through /proc/<pid>/root.
+fn daemon_with_small_audit_disk() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("data/audit");
+    std::fs::create_dir_all(&audit).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=1m,mode=0700 tmpfs {} && exec \"$@\"",
+        audit.display()
+    );
+    let config = config_with(dir.path(), |t| {
+        t.replace("ack_timeout_ms = 5000", "ack_timeout_ms = 1000")
+    });
+    Daemon::start_wrapped(
+        &config,
+        dir,
+        &[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ],
+    )
+}
+
+/// Fills the daemon's audit filesystem to the last byte; returns the ballast file.
+fn fill(daemon: &Daemon) -> PathBuf {
+    use std::io::Write;
+    let ballast = PathBuf::from(format!(
+        "/proc/{}/root{}/ballast",
+        daemon.pid(),
+        daemon.audit_dir().display()
+    ));
+    let mut f = std::fs::File::create(&ballast).expect("ballast in the daemon's tmpfs");
+    let block = vec![0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    while f.write_all(&block[..1]).is_ok() {}
+    ballast
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_audit_disk_fails_closed_and_service_resumes_by_itself() {
+    let daemon = daemon_with_small_audit_disk();
+    let client = daemon.client();
+    let id = new_instance();
+    client.register(&id, "project-a").await;
+    assert_eq!(
+        client
+            .post_password(&id, "project-a", "before")
+            .await
+            .status,
+        200
+    );
+    let fresh = new_instance();
+    client.register(&fresh, "project-a").await;
+    let ballast = fill(&daemon);
+
+    // Mutations and secret reads answer 503 and release or change nothing.
+    let post = client
+        .post_password(&fresh, "project-a", "while-full")
+        .await;
+    assert_eq!(post.status, 503, "{}", post.text());
+    assert!(post.error_message().contains("audit log"));
+    let read = client.get_password(&id, "project-a").await;
+    assert_eq!(read.status, 503);
+    assert!(!read.text().contains("before"));
+    let owner = client
+        .get(
+            &format!("/v2.1/servers/{id}/os-server-password"),
+            &[("x-auth-token", TOKEN_A)],
+        )
+        .await;
+    assert_eq!(owner.status, 503);
+    let clear = client
+        .send(
+            Method::DELETE,
+            &format!("/v2.1/servers/{id}/os-server-password"),
+            &[("x-auth-token", TOKEN_A)],
+            "",
+        )
+        .await;
+    assert_eq!(clear.status, 503);
+    assert_eq!(
+        client.get("/readyz", &[]).await.status,
+        503,
+        "readiness turns false"
+    );
+    let conn = rusqlite::Connection::open(daemon.db_path()).unwrap();
+    let stored: i64 = conn
+        .query_row(
+            "SELECT password_set FROM instances WHERE instance_id = ?1",
+            [&fresh],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 0, "nothing committed without its audit record");
+    let still: i64 = conn
+        .query_row(
+            "SELECT password_set FROM instances WHERE instance_id = ?1",
+            [&id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(still, 1, "the clear was not committed either");
+
+    // Space comes back: service resumes without a restart.
+    std::fs::remove_file(&ballast).unwrap();
+    let ready = client.get("/readyz", &[]).await;
+    assert_eq!(ready.status, 200, "{} {}", ready.text(), daemon.log());
+    assert_eq!(
+        client
+            .post_password(&fresh, "project-a", "after")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        client.get_password(&fresh, "project-a").await.text(),
+        "after"
+    );
+    assert_eq!(client.get_password(&id, "project-a").await.text(), "before");
+
+    // The log on the daemon's tmpfs still verifies: failed batches were cut back, not left torn.
+    let audit = PathBuf::from(format!(
+        "/proc/{}/root{}",
+        daemon.pid(),
+        daemon.audit_dir().display()
+    ));
+    let files = metapass::audit::review::files_of(&audit).unwrap();
+    let (code, out) = verify_files(&files);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let metrics = client.get("/metrics", &[]).await.text();
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("metapass_audit_write_failures_total"))
+        .unwrap();
+    assert!(!failures.ends_with(" 0"), "{failures}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_post_load_loses_nothing_acknowledged() {
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    let mut ids = Vec::new();
+    for _ in 0..240 {
+        let id = new_instance();
+        client.register(&id, "project-a").await;
+        ids.push(id);
+    }
+    // 16 clients post to their own instances as fast as they can; the daemon is killed mid-stream.
+    let tasks: Vec<_> = ids
+        .chunks(15)
+        .map(|chunk| {
+            let (client, chunk) = (client.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for id in chunk {
+                    let value = format!("pw-{id}");
+                    let post = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        client.post_password_nopanic(&id, "project-a", value.clone()),
+                    )
+                    .await;
+                    match post {
+                        Ok(Some(reply)) if reply.status == 200 => {
+                            acked.push((id, value, reply.request_id()))
+                        }
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let killed_at = std::time::Instant::now();
+    let _ = Command::new("kill")
+        .args(["-KILL", &daemon.pid().to_string()])
+        .status();
+    let mut acknowledged = Vec::new();
+    for t in tasks {
+        acknowledged.extend(t.await.unwrap());
+    }
+    assert!(
+        !acknowledged.is_empty(),
+        "some posts were acknowledged before the kill"
+    );
+    assert!(
+        acknowledged.len() < ids.len(),
+        "the kill happened mid-stream ({} of {})",
+        acknowledged.len(),
+        ids.len()
+    );
+    let _ = killed_at;
+
+    daemon.restart();
+    let client = daemon.client();
+    let events = daemon.audit_events_lenient();
+    for (id, value, request_id) in &acknowledged {
+        assert_eq!(
+            &client.get_password(id, "project-a").await.text(),
+            value,
+            "acknowledged write of {id} lost"
+        );
+        let event = event_for(&events, request_id);
+        assert_eq!(
+            event["status_code"], "200",
+            "acknowledged write of {id} audited as success"
+        );
+    }
+    // Nothing torn: every instance reads back as set or unset, never as an integrity failure.
+    for id in &ids {
+        let reply = client.get_password(id, "project-a").await;
+        assert_eq!(reply.status, 200, "{id}: {}", reply.text());
+        assert!(reply.body.is_empty() || reply.text() == format!("pw-{id}"));
+    }
+    let (ok, out) = daemon.verify_audit();
+    assert!(ok, "{out}");
+    assert!(!out.contains("MAC mismatch"), "{out}");
+}
+
+#[tokio::test]
+async fn reviewer_tools_show_summarize_and_find_fingerprints() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let id = new_instance();
+    client.register(&id, "project-a").await;
+    client.post_password(&id, "project-a", "blob").await;
+    for _ in 0..3 {
+        client
+            .get(
+                &format!("/v2.1/servers/{id}/os-server-password"),
+                &[("x-auth-token", TOKEN_B)],
+            )
+            .await;
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dir = daemon.audit_dir();
+    let dir = dir.to_str().unwrap();
+    let denied = run(&["audit", "show", "--dir", dir, "--outcome", "denied"]);
+    assert!(denied.trim_end().ends_with("3 of 6 events"), "{denied}");
+    assert!(
+        denied.contains("dev-project-b (project-b)") && denied.contains("not_owner"),
+        "{denied}"
+    );
+    let by_instance = run(&[
+        "audit",
+        "show",
+        "--dir",
+        dir,
+        "--instance",
+        &id,
+        "--since",
+        "10m",
+    ]);
+    assert!(
+        by_instance.trim_end().ends_with("5 of 6 events"),
+        "{by_instance}"
+    );
+    let by_project = run(&["audit", "show", "--dir", dir, "--project", "project-b"]);
+    assert!(
+        by_project.trim_end().ends_with("3 of 6 events"),
+        "{by_project}"
+    );
+    let future = run(&[
+        "audit",
+        "show",
+        "--dir",
+        dir,
+        "--since",
+        "2999-01-01T00:00:00Z",
+    ]);
+    assert!(future.trim_end().ends_with("0 of 6 events"), "{future}");
+    let summary = run(&[
+        "audit",
+        "summary",
+        "--config",
+        daemon.config.to_str().unwrap(),
+        "--data-dir",
+        daemon.data_dir().to_str().unwrap(),
+    ]);
+    assert!(
+        summary.starts_with("6 events")
+            && summary.contains("3  not_owner")
+            && summary.contains("3  127.0.0.1"),
+        "{summary}"
+    );
+
+    // An investigator holding a token can find its uses without the log revealing it.
+    let fingerprint = run(&[
+        "audit",
+        "hash",
+        "--audit-key",
+        repo().join("policy/dev-audit-key.toml").to_str().unwrap(),
+        TOKEN_B,
+    ]);
+    let events = daemon.audit_events();
+    let matching = events
+        .iter()
+        .filter(|e| e["actor"]["user"]["credential_uid"] == fingerprint.trim())
+        .count();
+    assert_eq!(matching, 3);
+    let blob = run(&[
+        "audit",
+        "hash",
+        "--config",
+        daemon.config.to_str().unwrap(),
+        "blob",
+    ]);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["unmapped"]["secret_fingerprint"] == blob.trim())
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_requests_refusals_and_audit_writes() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    for _ in 0..4 {
+        client.get("/openstack/latest/password", &[]).await;
+    }
+    let reply = client.get("/metrics", &[]).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = reply.text();
+    for expected in [
+        "metapass_requests_total{surface=\"instance\",operation=\"password:get\",status=\"400\"} 4",
+        "metapass_refusals_total{reason=\"missing_header\"} 4",
+        // Four requests and the startup keys:load event.
+        "metapass_audit_events_written_total 5",
+        "metapass_audit_queue_depth",
+        "metapass_audit_fsync_seconds_count",
+        "metapass_tls_handshake_failures_total 0",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from\n{text}");
+    }
+}
+
+#[test]
+fn the_documented_examples_match_the_pinned_schema() {
+    let validator = schema_validator();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo().join("schema/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        let event: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&event)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", path.display());
+        seen += 1;
+    }
+    assert!(seen >= 8, "{seen} examples");
+}

@@ -1,0 +1,46 @@
+//! Replays every input kept under `tests/data/fuzz-regressions/<target>/` through the fuzz harness
+//! (the same code the libFuzzer targets call), as an ordinary test.
+
+#[path = "../fuzz/src/harness.rs"]
+mod harness;
+
+use std::path::Path;
+
+fn replay(target: &str, run: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/fuzz-regressions")
+        .join(target);
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
+        run(&data);
+        count += 1;
+    }
+    count
+}
+
+#[test]
+fn request_regressions() {
+    assert!(replay("request", harness::request) > 0);
+}
+
+#[test]
+fn sealed_record_regressions() {
+    assert!(replay("sealed_record", harness::sealed_record) > 0);
+}
+
+#[test]
+fn policy_file_regressions() {
+    assert!(replay("policy_file", harness::policy_file) > 0);
+}
+
+#[test]
+fn token_file_regressions() {
+    assert!(replay("token_file", harness::token_file) > 0);
+}
+
+#[test]
+fn audit_line_regressions() {
+    assert!(replay("audit_line", harness::audit_line) > 0);
+}
