@@ -189,6 +189,23 @@ pub enum StoreConfig {
         /// The database file.
         path: PathBuf,
     },
+    /// A PostgreSQL database shared by several replicas.
+    Postgres(PostgresSettings),
+}
+
+/// How to reach the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    /// The connection URL (`postgresql://user@host:port/db?...`); secret, since in dev mode it
+    /// may carry a password.
+    pub url: SecretString,
+    /// The password, read from `password_file`.
+    pub password: Option<SecretString>,
+    /// The CA certificates the database server's certificate must chain to; TLS is required when
+    /// set.
+    pub ca_file: Option<PathBuf>,
+    /// The most connections one replica opens for requests (a few more serve seal counters).
+    pub pool_size: usize,
 }
 
 /// Audit log settings.
@@ -326,7 +343,20 @@ struct RawFileRef {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, tag = "backend", rename_all = "snake_case")]
 enum RawStore {
-    Sqlite { path: PathBuf },
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgres {
+        url: SecretString,
+        password_file: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
+        #[serde(default = "default_pool_size")]
+        pool_size: usize,
+    },
+}
+
+fn default_pool_size() -> usize {
+    16
 }
 
 #[derive(Deserialize)]
@@ -755,6 +785,44 @@ impl Config {
             RawStore::Sqlite { path: p } => StoreConfig::Sqlite {
                 path: under(&data_dir, &p),
             },
+            RawStore::Postgres {
+                url,
+                password_file,
+                ca_file,
+                pool_size,
+            } => {
+                let parsed: tokio_postgres::Config = url
+                    .expose_secret()
+                    .parse()
+                    .map_err(|_| err(path, "[store] url is not a PostgreSQL connection URL"))?;
+                if parsed.get_password().is_some() && !dev_mode {
+                    return Err(err(
+                        path,
+                        "a password in [store] url is only allowed with dev_mode = true; use password_file",
+                    ));
+                }
+                let password = match password_file {
+                    Some(file) => {
+                        let file = under(base, &file);
+                        check_secret_mode(&file, dev_mode, &mut warnings)?;
+                        Some(SecretString::from(read_text(&file)?.trim().to_owned()))
+                    }
+                    None => None,
+                };
+                let ca_file = ca_file.map(|f| under(base, &f));
+                if let Some(ca) = &ca_file {
+                    check_certificate_mode(ca, dev_mode, &mut warnings)?;
+                }
+                if !(1..=1024).contains(&pool_size) {
+                    return Err(err(path, "[store] pool_size must be between 1 and 1024"));
+                }
+                StoreConfig::Postgres(PostgresSettings {
+                    url,
+                    password,
+                    ca_file,
+                    pool_size,
+                })
+            }
         };
 
         let audit_key_path = under(base, &raw.audit.key_file);

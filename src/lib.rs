@@ -27,7 +27,7 @@
 //! | [`forwarded`] | the client behind trusted proxies (`Forwarded`, `X-Forwarded-For`) |
 //! | [`policy`] | may this caller do this action to this instance |
 //! | [`api`] | routes and handlers; [`api::respond`] is the one place errors become answers |
-//! | [`store`] | the [`store::Store`] trait: registry, chunked sealed values, atomic set-once |
+//! | [`store`] | the [`store::Store`] trait: registry, chunked sealed values, atomic set-once; SQLite (embedded) and PostgreSQL (replicas) backends |
 //! | [`crypto`] | keyring and AES-256-GCM seal/open with the record bound in the AAD; key check values |
 //! | [`keys`] | keyring sources (file, environment, descriptor) and keyring files: generate, rotate, retire, atomic replace |
 //! | [`api::keys`] | the keyring in use: startup check, reload, key status, the background rewrap |

@@ -275,7 +275,8 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
         }
         let data_dir = config.data_dir.clone();
         let cleanup_every = limits::cleanup_interval(&config.rate_limits);
-        let app = Arc::new(App::open(config)?);
+        let app = Arc::new(App::open(config).await?);
+        tracing::info!(store = app.store.kind(), "store open");
         let auditor = app.auditor.clone();
         // The keyring must match what the store has seen before anything is sealed or opened.
         metapass::api::keys::load_at_startup(&app).await?;
@@ -287,6 +288,9 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
             println!("metapass listening on {url} ({})", endpoint.config.name);
         }
         let _ = std::io::stdout().flush();
+        // Under systemd (Type=notify), readiness is the same moment: every listener is bound and
+        // the keyring matched the store.
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
 
         // Idle rate-limit keys are swept on a timer, so limiter memory follows live traffic.
         let sweeper = app.clone();
@@ -304,6 +308,9 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
             use tokio::signal::unix::{SignalKind, signal};
             let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
             while hangups.recv().await.is_some() {
+                if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                    notify_systemd(&[sd_notify::NotifyState::Reloading, now]);
+                }
                 let cert_file = material.cert_file().display().to_string();
                 let (reason, detail) = match material.reload() {
                     Ok(()) => {
@@ -320,12 +327,14 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
                 };
                 metapass::api::record_system_event(&reloader, "tls:reload", reason, detail).await;
                 metapass::api::keys::reload_on_signal(&reloader).await;
+                notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         });
         let shutdown_app = app.clone();
         let shutdown = async move {
             shutdown_signal().await;
             tracing::info!("shutdown requested: draining");
+            notify_systemd(&[sd_notify::NotifyState::Stopping]);
             shutdown_app.shutting_down.store(true, Ordering::SeqCst);
         };
         server::run(app, endpoints, shutdown).await;
@@ -336,6 +345,13 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Tells systemd about a state change when it started us with `NOTIFY_SOCKET`; nothing otherwise.
+fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
 }
 
 async fn shutdown_signal() {
@@ -509,6 +525,19 @@ fn keys(command: KeysCommand) -> Result<ExitCode, String> {
         match &config.store {
             metapass::config::StoreConfig::Sqlite { path } => {
                 metapass::store::sqlite::read_key_usage(path).map_err(|e| e.to_string())
+            }
+            metapass::config::StoreConfig::Postgres(settings) => {
+                use metapass::store::Store;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    let store = metapass::store::postgres::PostgresStore::open_existing(settings)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    store.key_usage().await.map_err(|e| e.to_string())
+                })
             }
         }
     };

@@ -39,6 +39,18 @@ pub struct LimitLabels {
     pub limit: &'static str,
 }
 
+/// Labels by store backend and operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// `sqlite` or `postgres`.
+    pub backend: &'static str,
+    /// The store operation (`register`, `password`, `set_password_once`, ...).
+    pub operation: &'static str,
+}
+
+/// Latency of store calls, by backend and operation.
+pub type StoreLatency = Family<StoreLabels, Histogram>;
+
 /// Labels by API surface.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SurfaceLabels {
@@ -99,6 +111,8 @@ pub struct Metrics {
     pub rate_limit_hits: Family<LimitLabels, Counter>,
     /// Keys each keyed rate limiter holds (set when scraped).
     pub rate_limit_keys: Family<LimitLabels, Gauge>,
+    /// Store call latency (a mutation's includes waiting for its audit event to be durable).
+    pub store_seconds: StoreLatency,
 }
 
 impl Default for Metrics {
@@ -187,6 +201,12 @@ impl Metrics {
             "TCP connections accepted",
             connections.clone(),
         );
+        let store_seconds = StoreLatency::new_with_constructor(latency_histogram);
+        registry.register(
+            "store_seconds",
+            "Store call latency by backend and operation (mutations include their audit fsync)",
+            store_seconds.clone(),
+        );
         Self {
             registry,
             requests,
@@ -198,6 +218,7 @@ impl Metrics {
             connections_refused,
             connections_open,
             rate_limit_hits,
+            store_seconds,
             rate_limit_keys,
         }
     }

@@ -69,7 +69,7 @@ async fn the_production_example_starts_and_separates_its_listeners() {
     let daemon = Daemon::start_with(&config, dir);
     let mut names: Vec<_> = daemon.listeners.keys().cloned().collect();
     names.sort();
-    assert_eq!(names, ["admin", "compute", "metadata", "ops"]);
+    assert_eq!(names, ["admin", "compute", "health", "metadata", "ops"]);
     // Startup warnings come before this line, through the same (ordered) writer.
     assert!(daemon.log_shows(&["metapass serving"]));
     let log = daemon.log();
@@ -147,6 +147,17 @@ async fn the_production_example_starts_and_separates_its_listeners() {
     let ops = daemon.listeners["ops"];
     assert_eq!(plain_http_get(ops, "/readyz").await.0, Some(200));
     assert_eq!(plain_http_get(ops, path).await.0, Some(404));
+    // Readiness for the load balancer: TLS with its client certificate, ops routes only.
+    let health = Client::with_cert(daemon.listeners["health"], "proxy");
+    assert_eq!(health.get("/readyz", &[]).await.status, 200);
+    assert_eq!(health.get(path, &[]).await.status, 404);
+    assert!(
+        Client::new(daemon.listeners["health"])
+            .try_send(Method::GET, "/readyz", &[], "")
+            .await
+            .is_err(),
+        "no certificate, no answer"
+    );
 
     let events = daemon.audit_events();
     let event = event_for(&events, &owner.request_id());

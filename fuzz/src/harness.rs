@@ -111,7 +111,7 @@ fn fixture() -> &'static Fixture {
                 )
             })
             .collect();
-        let app = runtime.block_on(async { App::open(config) }).expect("app");
+        let app = runtime.block_on(App::open(config)).expect("app");
         runtime.block_on(async {
             // As `serve` does: the store learns the keyring's keys before anything is sealed.
             api::keys::load_at_startup(&app).await.expect("keyring");

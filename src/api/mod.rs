@@ -33,12 +33,12 @@ use crate::audit::{
     AuditError, AuditKeys, Auditor, AuthMethod, CallerKind, Decision, Durability, Facts, Reason,
     WriterConfig,
 };
-use crate::config::{Config, InstanceAuth, Limits, ListenerConfig, StoreConfig};
+use crate::config::{Config, InstanceAuth, Limits, ListenerConfig};
 use crate::identity::{AUTH_TOKEN_HEADER, ClientCert, ProxySigner, Role, TokenEntry, TokenTable};
 use crate::limits::{Limited, Limiters};
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RequestLabels, SurfaceLabels};
 use crate::policy::{Action, Policy, Principal, Refusal, Target};
-use crate::store::sqlite::SqliteStore;
+use crate::store::Backend;
 use crate::store::{Gate, GateDenied, StoreError};
 use respond::{ApiError, Body};
 
@@ -63,7 +63,7 @@ impl<B> RequestBody for B where
 /// Everything a request may need, shared by all connections.
 pub struct App {
     /// The store.
-    pub store: SqliteStore,
+    pub store: Backend,
     /// The data keys in use (swapped on reload) and the rewrap state.
     pub keys: keys::KeyState,
     /// The audit log.
@@ -88,14 +88,14 @@ pub struct App {
 
 impl App {
     /// Opens everything the configuration names: the store, the audit log (continuing its
-    /// chain), the metrics, the limiters. Must be called inside a Tokio runtime.
-    pub fn open(config: Config) -> Result<Self, String> {
-        let store = match &config.store {
-            StoreConfig::Sqlite { path } => SqliteStore::open(path).map_err(|e| e.to_string())?,
-        };
+    /// chain), the metrics, the limiters.
+    pub async fn open(config: Config) -> Result<Self, String> {
+        let metrics = Arc::new(Metrics::new());
+        let store = Backend::open(&config.store, metrics.store_seconds.clone())
+            .await
+            .map_err(|e| e.to_string())?;
         let keys =
             AuditKeys::derive(config.audit.secret.expose_secret()).map_err(|e| e.to_string())?;
-        let metrics = Arc::new(Metrics::new());
         let auditor = Auditor::start(
             WriterConfig {
                 dir: config.audit.dir.clone(),

@@ -20,13 +20,16 @@
 //! key's check value so that a different secret under a known id is refused.
 
 pub mod chunks;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Instant;
 
 use crate::crypto::{KeyCheck, KeyId, SealError};
 use crate::ids::{InstanceId, ProjectId};
+use crate::metrics::{StoreLabels, StoreLatency};
 
 pub use chunks::{ChunkError, MAX_VALUE_LEN};
 
@@ -211,7 +214,8 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// The storage operations metapass needs. Implemented by [`sqlite::SqliteStore`].
+/// The storage operations metapass needs. Implemented by [`sqlite::SqliteStore`] and
+/// [`postgres::PostgresStore`]; [`Backend`] is whichever the configuration names.
 pub trait Store: Send + Sync + 'static {
     /// Registers `id` to `project` (idempotent for the same project).
     fn register(
@@ -291,6 +295,149 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers (for readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store a daemon runs on, as configured: one of the backends behind the [`Store`] trait,
+/// with every call timed into a latency histogram.
+#[derive(Debug)]
+pub struct Backend {
+    engine: Engine,
+    latency: StoreLatency,
+}
+
+#[derive(Debug)]
+enum Engine {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
+}
+
+impl Backend {
+    /// Opens the configured store, applying migrations; calls are timed into `latency`.
+    pub async fn open(
+        config: &crate::config::StoreConfig,
+        latency: StoreLatency,
+    ) -> Result<Self, StoreError> {
+        let engine = match config {
+            crate::config::StoreConfig::Sqlite { path } => {
+                Engine::Sqlite(sqlite::SqliteStore::open(path)?)
+            }
+            crate::config::StoreConfig::Postgres(settings) => {
+                Engine::Postgres(postgres::PostgresStore::open(settings).await?)
+            }
+        };
+        Ok(Self { engine, latency })
+    }
+
+    /// Which backend, for metrics and logs: `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self.engine {
+            Engine::Sqlite(_) => "sqlite",
+            Engine::Postgres(_) => "postgres",
+        }
+    }
+
+    fn observe(&self, operation: &'static str, started: Instant) {
+        self.latency
+            .get_or_create(&StoreLabels {
+                backend: self.kind(),
+                operation,
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Forwards a [`Store`] call to whichever backend is configured, timing it.
+macro_rules! delegate {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {{
+        let started = Instant::now();
+        let result = match &$self.engine {
+            Engine::Sqlite(s) => s.$method($($arg),*).await,
+            Engine::Postgres(s) => s.$method($($arg),*).await,
+        };
+        $self.observe(stringify!($method), started);
+        result
+    }};
+}
+
+impl Store for Backend {
+    async fn register(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        gate: Gate<RegisterOutcome>,
+    ) -> Result<RegisterOutcome, StoreError> {
+        delegate!(self.register(id, project, gate))
+    }
+
+    async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
+        delegate!(self.instance(id))
+    }
+
+    async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
+        delegate!(self.password(id))
+    }
+
+    async fn set_password_once(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        key_id: KeyId,
+        seal: SealFn,
+        gate: Gate<SetOutcome>,
+    ) -> Result<SetOutcome, StoreError> {
+        delegate!(self.set_password_once(id, project, key_id, seal, gate))
+    }
+
+    async fn sync_keys(
+        &self,
+        checks: Vec<(KeyId, KeyCheck)>,
+        gate: Gate<KeySync>,
+    ) -> Result<KeySync, StoreError> {
+        delegate!(self.sync_keys(checks, gate))
+    }
+
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        delegate!(self.key_usage())
+    }
+
+    async fn rewrap_candidates(
+        &self,
+        active: KeyId,
+        after: Option<&InstanceId>,
+        limit: usize,
+    ) -> Result<Vec<RewrapCandidate>, StoreError> {
+        delegate!(self.rewrap_candidates(active, after, limit))
+    }
+
+    async fn rewrap(
+        &self,
+        candidate: &RewrapCandidate,
+        to_key: KeyId,
+        reseal: ResealFn,
+        gate: Gate<RewrapOutcome>,
+    ) -> Result<RewrapOutcome, StoreError> {
+        delegate!(self.rewrap(candidate, to_key, reseal, gate))
+    }
+
+    async fn clear_password(
+        &self,
+        id: &InstanceId,
+        gate: Gate<ClearOutcome>,
+    ) -> Result<ClearOutcome, StoreError> {
+        delegate!(self.clear_password(id, gate))
+    }
+
+    async fn delete_instance(
+        &self,
+        id: &InstanceId,
+        gate: Gate<DeleteOutcome>,
+    ) -> Result<DeleteOutcome, StoreError> {
+        delegate!(self.delete_instance(id, gate))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        delegate!(self.ping())
+    }
 }
 
 /// A gate that lets everything through; for tools and tests that audit by other means.

@@ -1,0 +1,787 @@
+//! The PostgreSQL store, for several replicas behind a load balancer on one database.
+//!
+//! Same contract as [`super::sqlite`], built for concurrency across processes:
+//!
+//! - Every mutation is one transaction on a pooled connection (deadpool-postgres). Its [`Gate`] is
+//!   awaited after the statements and before `COMMIT`; a refusal rolls back.
+//! - Set-once is one conditional `UPDATE ... WHERE NOT password_set` at `READ COMMITTED`: of
+//!   concurrent posts on any number of replicas, PostgreSQL lets exactly one change the row; the
+//!   others wait for its row lock, re-check the condition and change nothing.
+//! - Record versions come from a sequence, taken only while the instance's row is locked, so each
+//!   instance's version only grows, and is never reused store-wide.
+//! - Seal counters are reserved by one autocommit statement on a separate small pool, so the hot
+//!   `data_keys` row is locked for one statement, not for the whole transaction (which waits for
+//!   the audit fsync). A transaction that later rolls back leaves its seal counted: an over-count,
+//!   which only brings rotation earlier.
+//! - Migrations are versioned in `metapass_schema` and applied at startup under an advisory lock,
+//!   so replicas starting together apply each one once.
+//!
+//! Error messages keep PostgreSQL's SQLSTATE and message only, never its DETAIL (which can quote
+//! row values).
+
+use std::fmt::Display;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Transaction;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use secrecy::ExposeSecret;
+use tokio_postgres::{GenericClient, NoTls};
+
+use super::{
+    ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_FIELD,
+    PasswordRecord, RegisterOutcome, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome,
+    Store, StoreError, chunks,
+};
+use crate::config::PostgresSettings;
+use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
+use crate::ids::{InstanceId, ProjectId};
+
+/// The schema, one entry per version; `metapass_schema` records which have been applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: registry, chunked metadata, data-key bookkeeping and the store-wide version sequence.
+    "CREATE TABLE instances (
+        instance_id text NOT NULL PRIMARY KEY,
+        project_id text NOT NULL,
+        password_set boolean NOT NULL DEFAULT false,
+        password_version bigint NOT NULL DEFAULT 0 CHECK (password_version >= 0),
+        password_key_id bigint,
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL
+     );
+     CREATE TABLE instance_metadata (
+        instance_id text NOT NULL REFERENCES instances (instance_id) ON DELETE CASCADE,
+        key text NOT NULL CHECK (length(key) BETWEEN 1 AND 255),
+        value bytea NOT NULL CHECK (octet_length(value) BETWEEN 1 AND 255),
+        PRIMARY KEY (instance_id, key)
+     );
+     CREATE TABLE data_keys (
+        key_id bigint NOT NULL PRIMARY KEY CHECK (key_id >= 0),
+        check_value bytea NOT NULL CHECK (octet_length(check_value) = 32),
+        seals bigint NOT NULL CHECK (seals >= 0),
+        first_seen bigint NOT NULL
+     );
+     CREATE SEQUENCE record_versions AS bigint MINVALUE 1;
+     CREATE INDEX instances_by_key ON instances (password_key_id) WHERE password_set;",
+];
+
+/// The advisory lock that serialises migrations between replicas (an arbitrary constant).
+const MIGRATION_LOCK: i64 = 0x6d65_7461_7061_7373; // "metapass"
+
+/// Connections of the seal-counter pool: one short statement each, never inside a transaction.
+const COUNTER_POOL_SIZE: usize = 4;
+
+/// How long a caller waits for a pooled connection, or for a new one to connect.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The PostgreSQL store. Cheap to share behind an `Arc`.
+pub struct PostgresStore {
+    pool: Pool,
+    counters: Pool,
+    target: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A database error as a store error: SQLSTATE and message, never the DETAIL.
+fn db_err(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(match e.as_db_error() {
+        Some(db) => format!("PostgreSQL {}: {}", db.code().code(), db.message()),
+        None => format!("PostgreSQL: {e}"),
+    })
+}
+
+fn pool_err(e: impl Display) -> StoreError {
+    StoreError::Unavailable(format!("PostgreSQL pool: {e}"))
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn version_from(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative record version {v}")))
+}
+
+fn key_id_from(v: i64) -> Result<KeyId, StoreError> {
+    KeyId::try_from(v).map_err(|_| StoreError::Corrupt(format!("key id {v} out of range")))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The prefix of the password's chunk names (`password_0`, ...).
+fn chunk_prefix() -> String {
+    format!("{PASSWORD_FIELD}_")
+}
+
+/// Where a store connects, for logs: host, port and database, never the user's password.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "postgresql://{}:{port}/{}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+/// A rustls client configuration (ring provider) trusting only the roots in `ca_file`.
+fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, StoreError> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| StoreError::Unavailable(format!("{}: {e}", ca_file.display())))?;
+    if certs.is_empty() {
+        return Err(StoreError::Unavailable(format!(
+            "{}: no certificate",
+            ca_file.display()
+        )));
+    }
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| StoreError::Unavailable(format!("{}: {e}", ca_file.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| StoreError::Unavailable(format!("database TLS: {e}")))
+}
+
+impl PostgresStore {
+    /// Connects (TLS when `ca_file` is set, then required), applies migrations, and returns the
+    /// store. Fails if the database cannot be reached within a few seconds.
+    pub async fn open(settings: &PostgresSettings) -> Result<Self, StoreError> {
+        let store = Self::connect(settings)?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without changing the schema, which must be this metapass's; for tools that only
+    /// read (`metapass keys status`).
+    pub async fn open_existing(settings: &PostgresSettings) -> Result<Self, StoreError> {
+        let store = Self::connect(settings)?;
+        let conn = store.conn().await?;
+        let version: Option<i32> = conn
+            .query_opt("SELECT max(version) FROM metapass_schema", &[])
+            .await
+            .ok()
+            .flatten()
+            .and_then(|row| row.get(0));
+        if usize::try_from(version.unwrap_or(0)).ok() != Some(MIGRATIONS.len()) {
+            return Err(StoreError::Unavailable(format!(
+                "{} has schema version {}; start this metapass once to migrate it",
+                store.target,
+                version.unwrap_or(0)
+            )));
+        }
+        drop(conn);
+        Ok(store)
+    }
+
+    /// The pools, without connecting yet.
+    fn connect(settings: &PostgresSettings) -> Result<Self, StoreError> {
+        let mut config: tokio_postgres::Config = settings
+            .url
+            .expose_secret()
+            .parse()
+            .map_err(|e| StoreError::Unavailable(format!("the PostgreSQL URL: {e}")))?;
+        if let Some(password) = &settings.password {
+            config.password(password.expose_secret().as_bytes());
+        }
+        config.application_name("metapass");
+        config.connect_timeout(POOL_TIMEOUT);
+        let target = describe(&config);
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = |config: tokio_postgres::Config| -> Result<Manager, StoreError> {
+            Ok(match &settings.ca_file {
+                Some(ca) => {
+                    let mut config = config;
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca)?);
+                    Manager::from_config(config, tls, manager_config.clone())
+                }
+                None => Manager::from_config(config, NoTls, manager_config.clone()),
+            })
+        };
+        let build = |size: usize| -> Result<Pool, StoreError> {
+            Pool::builder(manager(config.clone())?)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(POOL_TIMEOUT))
+                .create_timeout(Some(POOL_TIMEOUT))
+                .recycle_timeout(Some(POOL_TIMEOUT))
+                .build()
+                .map_err(pool_err)
+        };
+        Ok(Self {
+            pool: build(settings.pool_size.max(1))?,
+            counters: build(COUNTER_POOL_SIZE)?,
+            target,
+        })
+    }
+
+    /// Where the store connects (no credentials), for logs.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    async fn conn(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(db_err)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS metapass_schema (
+                version integer NOT NULL PRIMARY KEY,
+                applied_at bigint NOT NULL
+             )",
+        )
+        .await
+        .map_err(db_err)?;
+        let applied: i32 = tx
+            .query_one("SELECT coalesce(max(version), 0) FROM metapass_schema", &[])
+            .await
+            .map_err(db_err)?
+            .get(0);
+        let applied = usize::try_from(applied)
+            .map_err(|_| StoreError::Corrupt(format!("negative schema version {applied}")))?;
+        if applied > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema version {applied} is newer than this metapass knows ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            tx.batch_execute(sql).await.map_err(db_err)?;
+            let version = i32::try_from(i + 1).expect("a handful of migrations fit in i32");
+            tx.execute(
+                "INSERT INTO metapass_schema (version, applied_at) VALUES ($1, $2)",
+                &[&version, &now_unix()],
+            )
+            .await
+            .map_err(db_err)?;
+            tracing::info!(version = i + 1, "applied PostgreSQL schema migration");
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// Takes one seal from `key_id`'s budget in its own short statement (see the module docs).
+    async fn reserve_seal(&self, key_id: KeyId) -> Result<(), StoreError> {
+        let conn = self.counters.get().await.map_err(pool_err)?;
+        let limit = to_i64(MAX_SEALS_PER_KEY);
+        let key = i64::from(key_id);
+        let taken = conn
+            .execute(
+                "UPDATE data_keys SET seals = seals + 1 WHERE key_id = $1 AND seals < $2",
+                &[&key, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        if taken == 1 {
+            return Ok(());
+        }
+        let known = conn
+            .query_opt("SELECT 1 FROM data_keys WHERE key_id = $1", &[&key])
+            .await
+            .map_err(db_err)?;
+        Err(match known {
+            Some(_) => StoreError::KeyExhausted(key_id),
+            None => StoreError::UnknownKey(key_id),
+        })
+    }
+}
+
+/// Calls the gate with `outcome` and commits only if it lets the transaction through.
+async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, StoreError> {
+    if gate(&outcome).await.is_err() {
+        let _ = tx.rollback().await;
+        return Err(StoreError::GateRefused { gate_passed: false });
+    }
+    match tx.commit().await {
+        Ok(()) => Ok(outcome),
+        Err(e) => Err(StoreError::NotCommitted {
+            gate_passed: true,
+            cause: match db_err(e) {
+                StoreError::Unavailable(cause) => cause,
+                other => other.to_string(),
+            },
+        }),
+    }
+}
+
+async fn instance_row(
+    client: &impl GenericClient,
+    id: &str,
+) -> Result<Option<InstanceRecord>, StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT project_id, password_set, password_version FROM instances
+             WHERE instance_id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(db_err)?;
+    row.map(|r| {
+        Ok(InstanceRecord {
+            project_id: r.get(0),
+            password_set: r.get(1),
+            password_version: version_from(r.get(2))?,
+        })
+    })
+    .transpose()
+}
+
+/// Replaces the password chunks of `id` with those of `sealed`.
+async fn write_chunks(tx: &Transaction<'_>, id: &str, sealed: &[u8]) -> Result<(), StoreError> {
+    delete_chunks(tx, id).await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO instance_metadata (instance_id, key, value) VALUES ($1, $2, $3)",
+        )
+        .await
+        .map_err(db_err)?;
+    for (key, value) in chunks::split(PASSWORD_FIELD, sealed) {
+        tx.execute(&insert, &[&id, &key, &value])
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+async fn delete_chunks(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "DELETE FROM instance_metadata WHERE instance_id = $1 AND starts_with(key, $2)",
+        &[&id, &chunk_prefix()],
+    )
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// The next record version; call only while holding the instance's row lock.
+async fn next_version(tx: &Transaction<'_>) -> Result<u64, StoreError> {
+    let v: i64 = tx
+        .query_one("SELECT nextval('record_versions')", &[])
+        .await
+        .map_err(db_err)?
+        .get(0);
+    version_from(v)
+}
+
+impl Store for PostgresStore {
+    async fn register(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        gate: Gate<RegisterOutcome>,
+    ) -> Result<RegisterOutcome, StoreError> {
+        let (id, project) = (id.as_str(), project.as_str());
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let inserted = tx
+            .execute(
+                "INSERT INTO instances (instance_id, project_id, created_at, updated_at)
+                 VALUES ($1, $2, $3, $3) ON CONFLICT (instance_id) DO NOTHING",
+                &[&id, &project, &now_unix()],
+            )
+            .await
+            .map_err(db_err)?;
+        let outcome = if inserted == 1 {
+            RegisterOutcome::Created
+        } else {
+            let existing = instance_row(&*tx, id)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("conflicting row vanished".into()))?;
+            if existing.project_id == project {
+                RegisterOutcome::Unchanged
+            } else {
+                RegisterOutcome::OwnedByOther
+            }
+        };
+        settle(tx, gate, outcome).await
+    }
+
+    async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
+        let conn = self.conn().await?;
+        instance_row(&**conn, id.as_str()).await
+    }
+
+    async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT i.project_id, i.password_set, i.password_version, m.key, m.value
+                 FROM instances i
+                 LEFT JOIN instance_metadata m
+                   ON m.instance_id = i.instance_id AND starts_with(m.key, $2)
+                 WHERE i.instance_id = $1",
+                &[&id.as_str(), &chunk_prefix()],
+            )
+            .await
+            .map_err(db_err)?;
+        let mut record: Option<PasswordRecord> = None;
+        for row in rows {
+            let rec = match record.as_mut() {
+                Some(rec) => rec,
+                None => record.insert(PasswordRecord {
+                    instance: InstanceRecord {
+                        project_id: row.get(0),
+                        password_set: row.get(1),
+                        password_version: version_from(row.get(2))?,
+                    },
+                    chunks: Vec::new(),
+                }),
+            };
+            let key: Option<String> = row.get(3);
+            if let Some(key) = key {
+                if rec.chunks.len() >= chunks::MAX_CHUNKS {
+                    return Err(StoreError::Corrupt("too many password chunks".into()));
+                }
+                rec.chunks.push((key, row.get(4)));
+            }
+        }
+        Ok(record)
+    }
+
+    async fn set_password_once(
+        &self,
+        id: &InstanceId,
+        project: &ProjectId,
+        key_id: KeyId,
+        seal: SealFn,
+        gate: Gate<SetOutcome>,
+    ) -> Result<SetOutcome, StoreError> {
+        let (id, project) = (id.as_str(), project.as_str());
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        // The compare-and-set, in one statement. The version is taken from the sequence as the
+        // row is changed, that is once its lock is held.
+        let won = tx
+            .query_opt(
+                "UPDATE instances
+                 SET password_set = true, password_version = nextval('record_versions'),
+                     password_key_id = $3, updated_at = $4
+                 WHERE instance_id = $1 AND project_id = $2 AND NOT password_set
+                 RETURNING password_version",
+                &[&id, &project, &i64::from(key_id), &now_unix()],
+            )
+            .await
+            .map_err(db_err)?;
+        let outcome = match won {
+            None => match instance_row(&*tx, id).await? {
+                None => SetOutcome::NotFound,
+                Some(r) if r.project_id != project => SetOutcome::ProjectMismatch,
+                Some(_) => SetOutcome::AlreadySet,
+            },
+            Some(row) => {
+                let version = version_from(row.get(0))?;
+                self.reserve_seal(key_id).await?;
+                let sealed = seal(version)?;
+                if sealed_key_id(&sealed) != Some(key_id) {
+                    return Err(StoreError::Corrupt(
+                        "a seal named another key than the one reserved".into(),
+                    ));
+                }
+                write_chunks(&tx, id, &sealed).await?;
+                SetOutcome::Stored { version }
+            }
+        };
+        settle(tx, gate, outcome).await
+    }
+
+    async fn sync_keys(
+        &self,
+        checks: Vec<(KeyId, KeyCheck)>,
+        gate: Gate<KeySync>,
+    ) -> Result<KeySync, StoreError> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        let mut outcome = KeySync::default();
+        for (id, check) in &checks {
+            // Insert if new (a replica starting at the same time waits here for the other's
+            // commit), then compare what is recorded.
+            let key = i64::from(*id);
+            let added = tx
+                .execute(
+                    "INSERT INTO data_keys (key_id, check_value, seals, first_seen)
+                     VALUES ($1, $2,
+                       (SELECT count(*) FROM instances WHERE password_set AND password_key_id = $1),
+                       $3)
+                     ON CONFLICT (key_id) DO NOTHING",
+                    &[&key, &check.as_slice(), &now_unix()],
+                )
+                .await
+                .map_err(db_err)?;
+            if added == 1 {
+                outcome.added.push(*id);
+                continue;
+            }
+            let stored: Vec<u8> = tx
+                .query_one(
+                    "SELECT check_value FROM data_keys WHERE key_id = $1",
+                    &[&key],
+                )
+                .await
+                .map_err(db_err)?
+                .get(0);
+            use subtle::ConstantTimeEq;
+            if !bool::from(stored.as_slice().ct_eq(check.as_slice())) {
+                outcome.mismatched.push(*id);
+            }
+        }
+        if !outcome.mismatched.is_empty() {
+            // Nothing is recorded when any key mismatches: undo this transaction's inserts.
+            let added: Vec<i64> = outcome.added.iter().map(|id| i64::from(*id)).collect();
+            tx.execute("DELETE FROM data_keys WHERE key_id = ANY($1)", &[&added])
+                .await
+                .map_err(db_err)?;
+            outcome.added.clear();
+        }
+        settle(tx, gate, outcome).await
+    }
+
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        let conn = self.conn().await?;
+        let mut usage = std::collections::BTreeMap::<KeyId, KeyUsage>::new();
+        for row in conn
+            .query("SELECT key_id, seals FROM data_keys", &[])
+            .await
+            .map_err(db_err)?
+        {
+            let key_id = key_id_from(row.get(0))?;
+            usage.insert(
+                key_id,
+                KeyUsage {
+                    key_id,
+                    records: 0,
+                    seals: version_from(row.get(1))?,
+                    known: true,
+                },
+            );
+        }
+        for row in conn
+            .query(
+                "SELECT password_key_id, count(*) FROM instances
+                 WHERE password_set AND password_key_id IS NOT NULL GROUP BY password_key_id",
+                &[],
+            )
+            .await
+            .map_err(db_err)?
+        {
+            let key_id = key_id_from(row.get(0))?;
+            let entry = usage.entry(key_id).or_insert(KeyUsage {
+                key_id,
+                records: 0,
+                seals: 0,
+                known: false,
+            });
+            entry.records = version_from(row.get(1))?;
+        }
+        Ok(usage.into_values().collect())
+    }
+
+    async fn rewrap_candidates(
+        &self,
+        active: KeyId,
+        after: Option<&InstanceId>,
+        limit: usize,
+    ) -> Result<Vec<RewrapCandidate>, StoreError> {
+        let conn = self.conn().await?;
+        let after = after.map_or("", |a| a.as_str());
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = conn
+            .query(
+                "SELECT instance_id, password_version, password_key_id FROM instances
+                 WHERE password_set AND password_key_id IS NOT NULL
+                   AND password_key_id <> $1 AND instance_id > $2
+                 ORDER BY instance_id LIMIT $3",
+                &[&i64::from(active), &after, &limit],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get(0);
+                Ok(RewrapCandidate {
+                    id: InstanceId::parse(&id)
+                        .map_err(|_| StoreError::Corrupt(format!("bad instance id {id:?}")))?,
+                    version: version_from(row.get(1))?,
+                    key_id: key_id_from(row.get(2))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn rewrap(
+        &self,
+        candidate: &RewrapCandidate,
+        to_key: KeyId,
+        reseal: ResealFn,
+        gate: Gate<RewrapOutcome>,
+    ) -> Result<RewrapOutcome, StoreError> {
+        let id = candidate.id.as_str();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        // Lock the row, then check it is still the record that was listed.
+        let current = tx
+            .query_opt(
+                "SELECT password_set, password_version, password_key_id FROM instances
+                 WHERE instance_id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        let still = current.is_some_and(|row| {
+            let (set, version, key): (bool, i64, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            set && version_from(version).ok() == Some(candidate.version)
+                && key.and_then(|k| key_id_from(k).ok()) == Some(candidate.key_id)
+        });
+        let outcome = if !still {
+            RewrapOutcome::Skipped
+        } else {
+            let stored: Vec<(String, Vec<u8>)> = tx
+                .query(
+                    "SELECT key, value FROM instance_metadata
+                     WHERE instance_id = $1 AND starts_with(key, $2)",
+                    &[&id, &chunk_prefix()],
+                )
+                .await
+                .map_err(db_err)?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            match chunks::join(PASSWORD_FIELD, &stored) {
+                Err(_) => RewrapOutcome::Unreadable {
+                    from: candidate.key_id,
+                },
+                Ok(old) => {
+                    let version = next_version(&tx).await?;
+                    self.reserve_seal(to_key).await?;
+                    match reseal(&old, candidate.version, version)? {
+                        // Left as it is; the version and seal taken are spent unused (harmless).
+                        Err(_) => RewrapOutcome::Unreadable {
+                            from: candidate.key_id,
+                        },
+                        Ok(sealed) => {
+                            if sealed_key_id(&sealed) != Some(to_key) {
+                                return Err(StoreError::Corrupt(
+                                    "a seal named another key than the one reserved".into(),
+                                ));
+                            }
+                            write_chunks(&tx, id, &sealed).await?;
+                            tx.execute(
+                                "UPDATE instances
+                                 SET password_version = $2, password_key_id = $3, updated_at = $4
+                                 WHERE instance_id = $1",
+                                &[&id, &to_i64(version), &i64::from(to_key), &now_unix()],
+                            )
+                            .await
+                            .map_err(db_err)?;
+                            RewrapOutcome::Rewrapped {
+                                from: candidate.key_id,
+                                version,
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        settle(tx, gate, outcome).await
+    }
+
+    async fn clear_password(
+        &self,
+        id: &InstanceId,
+        gate: Gate<ClearOutcome>,
+    ) -> Result<ClearOutcome, StoreError> {
+        let id = id.as_str();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        // Lock the row first, so the version is taken while it is held.
+        let before = tx
+            .query_opt(
+                "SELECT password_set FROM instances WHERE instance_id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
+        let outcome = match before {
+            None => ClearOutcome::NotFound,
+            Some(row) => {
+                let was_set: bool = row.get(0);
+                let version = next_version(&tx).await?;
+                tx.execute(
+                    "UPDATE instances
+                     SET password_set = false, password_version = $2,
+                         password_key_id = NULL, updated_at = $3
+                     WHERE instance_id = $1",
+                    &[&id, &to_i64(version), &now_unix()],
+                )
+                .await
+                .map_err(db_err)?;
+                delete_chunks(&tx, id).await?;
+                ClearOutcome::Cleared { was_set }
+            }
+        };
+        settle(tx, gate, outcome).await
+    }
+
+    async fn delete_instance(
+        &self,
+        id: &InstanceId,
+        gate: Gate<DeleteOutcome>,
+    ) -> Result<DeleteOutcome, StoreError> {
+        let id = id.as_str();
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(db_err)?;
+        tx.execute(
+            "DELETE FROM instance_metadata WHERE instance_id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(db_err)?;
+        let deleted = tx
+            .execute("DELETE FROM instances WHERE instance_id = $1", &[&id])
+            .await
+            .map_err(db_err)?;
+        let outcome = if deleted == 1 {
+            DeleteOutcome::Deleted
+        } else {
+            DeleteOutcome::NotFound
+        };
+        settle(tx, gate, outcome).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.query_one("SELECT 1", &[]).await.map_err(db_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,538 @@
+//! The store contract, run against every backend: each test below is one async function over a
+//! [`Fixture`], instantiated once for SQLite (a real file) and once for PostgreSQL (a real server,
+//! a fresh schema per test). The PostgreSQL half runs when `METAPASS_TEST_POSTGRES` holds a
+//! connection URL (`.ci/run` sets it to the local server); without it each of those tests says
+//! SKIPPED and passes, and `scripts/test-all` says so too.
+
+use std::sync::Arc;
+
+use metapass::crypto::{KeyId, Keyring, MAX_SEALS_PER_KEY, RecordBinding};
+use metapass::ids::{InstanceId, ProjectId};
+use metapass::store::{
+    Backend, ClearOutcome, DeleteOutcome, Gate, GateDenied, KeySync, PASSWORD_FIELD,
+    RegisterOutcome, RewrapOutcome, SetOutcome, Store, StoreError, chunks, open_gate,
+};
+use zeroize::Zeroizing;
+
+/// A store under test, and a way around it to inspect or tamper with its tables.
+struct Fixture {
+    store: Arc<Backend>,
+    raw: Raw,
+    _dir: Option<tempfile::TempDir>,
+}
+
+enum Raw {
+    Sqlite(std::path::PathBuf),
+    Postgres(tokio_postgres::Client, String),
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite3");
+        let config = metapass::config::StoreConfig::Sqlite { path: path.clone() };
+        Self {
+            store: Arc::new(
+                Backend::open(&config, metapass::metrics::Metrics::new().store_seconds)
+                    .await
+                    .expect("open SQLite"),
+            ),
+            raw: Raw::Sqlite(path),
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh schema on the server `METAPASS_TEST_POSTGRES` names, or `None` to skip.
+    async fn postgres() -> Option<Self> {
+        let base = std::env::var("METAPASS_TEST_POSTGRES").ok()?;
+        let schema = format!("mp_{}", uuid::Uuid::new_v4().simple());
+        let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+            .await
+            .expect("connect to METAPASS_TEST_POSTGRES");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        let config = metapass::config::StoreConfig::Postgres(metapass::config::PostgresSettings {
+            url: url.into(),
+            password: None,
+            ca_file: None,
+            pool_size: 8,
+        });
+        let store = Backend::open(&config, metapass::metrics::Metrics::new().store_seconds)
+            .await
+            .expect("open PostgreSQL");
+        Some(Self {
+            store: Arc::new(store),
+            raw: Raw::Postgres(client, schema),
+            _dir: None,
+        })
+    }
+
+    /// Sets the seal counter of `key`.
+    async fn set_seals(&self, key: KeyId, seals: u64) {
+        let seals = i64::try_from(seals).unwrap();
+        match &self.raw {
+            Raw::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute(
+                    "UPDATE data_keys SET seals = ?1 WHERE key_id = ?2",
+                    rusqlite::params![seals, key],
+                )
+                .unwrap();
+            }
+            Raw::Postgres(client, schema) => {
+                client
+                    .execute(
+                        &format!("UPDATE {schema}.data_keys SET seals = $1 WHERE key_id = $2"),
+                        &[&seals, &i64::from(key)],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// How many metadata rows `id` has.
+    async fn metadata_rows(&self, id: &InstanceId) -> i64 {
+        match &self.raw {
+            Raw::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.query_row(
+                    "SELECT count(*) FROM instance_metadata WHERE instance_id = ?1",
+                    [id.as_str()],
+                    |r| r.get(0),
+                )
+                .unwrap()
+            }
+            Raw::Postgres(client, schema) => client
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM {schema}.instance_metadata WHERE instance_id = $1"
+                    ),
+                    &[&id.as_str()],
+                )
+                .await
+                .unwrap()
+                .get(0),
+        }
+    }
+
+    async fn drop_schema(&self) {
+        if let Raw::Postgres(client, schema) = &self.raw {
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await;
+        }
+    }
+}
+
+fn keyring(active: KeyId) -> Arc<Keyring> {
+    let keys: Vec<(KeyId, Zeroizing<Vec<u8>>)> = (1..=active)
+        .map(|id| (id, Zeroizing::new(vec![u8::try_from(id).unwrap(); 32])))
+        .collect();
+    Arc::new(Keyring::new(&keys, active).unwrap())
+}
+
+fn new_id() -> InstanceId {
+    InstanceId::parse(&uuid::Uuid::new_v4().to_string()).unwrap()
+}
+
+fn project(name: &str) -> ProjectId {
+    ProjectId::parse(name).unwrap()
+}
+
+fn refusing_gate<O>() -> Gate<O> {
+    Box::new(|_| Box::pin(async { Err(GateDenied("the audit log refused".into())) }))
+}
+
+async fn register(store: &Backend, id: &InstanceId, owner: &str) {
+    let outcome = store
+        .register(id, &project(owner), open_gate())
+        .await
+        .unwrap();
+    assert_eq!(outcome, RegisterOutcome::Created);
+}
+
+/// Sets `password` for `id` (project-a) sealed under `ring`'s active key.
+async fn set(
+    store: &Backend,
+    ring: &Arc<Keyring>,
+    id: &InstanceId,
+    password: &'static [u8],
+) -> Result<SetOutcome, StoreError> {
+    let (ring_for_seal, instance) = (ring.clone(), id.to_string());
+    let seal = Box::new(move |version| {
+        let binding = RecordBinding {
+            instance_id: &instance,
+            field: PASSWORD_FIELD,
+            version,
+        };
+        ring_for_seal.seal(&binding, password)
+    });
+    store
+        .set_password_once(
+            id,
+            &project("project-a"),
+            ring.active_key_id(),
+            seal,
+            open_gate(),
+        )
+        .await
+}
+
+async fn sync(store: &Backend, ring: &Keyring) -> KeySync {
+    store
+        .sync_keys(ring.check_values(), open_gate())
+        .await
+        .unwrap()
+}
+
+/// Opens the stored password of `id` with `ring`.
+async fn read(store: &Backend, ring: &Keyring, id: &InstanceId) -> Option<Vec<u8>> {
+    let record = store.password(id).await.unwrap()?;
+    if !record.instance.password_set {
+        assert!(record.chunks.is_empty(), "chunks without a password");
+        return None;
+    }
+    let joined = chunks::join(PASSWORD_FIELD, &record.chunks).expect("chunks join");
+    let binding = RecordBinding {
+        instance_id: id.as_str(),
+        field: PASSWORD_FIELD,
+        version: record.instance.password_version,
+    };
+    Some(ring.open(&binding, &joined).expect("opens").to_vec())
+}
+
+async fn registration_is_idempotent_per_project(f: &Fixture) {
+    let store = &f.store;
+    let id = new_id();
+    register(store, &id, "project-a").await;
+    let again = store
+        .register(&id, &project("project-a"), open_gate())
+        .await;
+    assert_eq!(again.unwrap(), RegisterOutcome::Unchanged);
+    let other = store
+        .register(&id, &project("project-b"), open_gate())
+        .await;
+    assert_eq!(other.unwrap(), RegisterOutcome::OwnedByOther);
+    let record = store.instance(&id).await.unwrap().unwrap();
+    assert_eq!(record.project_id, "project-a");
+    assert!(!record.password_set);
+    assert!(store.instance(&new_id()).await.unwrap().is_none());
+    store.ping().await.unwrap();
+}
+
+async fn of_concurrent_sets_exactly_one_wins(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let id = new_id();
+    register(&f.store, &id, "project-a").await;
+    let attempts: Vec<_> = (0..32)
+        .map(|_| {
+            let (store, ring, id) = (f.store.clone(), ring.clone(), id.clone());
+            tokio::spawn(async move { set(&store, &ring, &id, b"racer").await.unwrap() })
+        })
+        .collect();
+    let mut stored = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            SetOutcome::Stored { .. } => stored += 1,
+            SetOutcome::AlreadySet => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(stored, 1, "exactly one winner");
+    assert_eq!(
+        read(&f.store, &ring, &id).await.as_deref(),
+        Some(&b"racer"[..])
+    );
+    // Unknown instance, and another project's instance.
+    assert_eq!(
+        set(&f.store, &ring, &new_id(), b"x").await.unwrap(),
+        SetOutcome::NotFound
+    );
+    let foreign = new_id();
+    register(&f.store, &foreign, "project-b").await;
+    assert_eq!(
+        set(&f.store, &ring, &foreign, b"x").await.unwrap(),
+        SetOutcome::ProjectMismatch
+    );
+}
+
+async fn versions_only_grow_and_are_never_reused(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let id = new_id();
+    register(&f.store, &id, "project-a").await;
+    let mut versions = Vec::new();
+    let SetOutcome::Stored { version } = set(&f.store, &ring, &id, b"one").await.unwrap() else {
+        panic!("not stored")
+    };
+    versions.push(version);
+    let cleared = f.store.clear_password(&id, open_gate()).await.unwrap();
+    assert_eq!(cleared, ClearOutcome::Cleared { was_set: true });
+    versions.push(
+        f.store
+            .instance(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_version,
+    );
+    assert_eq!(read(&f.store, &ring, &id).await, None);
+    assert_eq!(f.metadata_rows(&id).await, 0, "a clear removes the chunks");
+    let SetOutcome::Stored { version } = set(&f.store, &ring, &id, b"two").await.unwrap() else {
+        panic!("not stored")
+    };
+    versions.push(version);
+    // Deleted and registered again: the versions go on from where they were.
+    let deleted = f.store.delete_instance(&id, open_gate()).await.unwrap();
+    assert_eq!(deleted, DeleteOutcome::Deleted);
+    assert_eq!(f.metadata_rows(&id).await, 0, "a delete purges the chunks");
+    assert!(f.store.instance(&id).await.unwrap().is_none());
+    register(&f.store, &id, "project-a").await;
+    let SetOutcome::Stored { version } = set(&f.store, &ring, &id, b"three").await.unwrap() else {
+        panic!("not stored")
+    };
+    versions.push(version);
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "versions must grow: {versions:?}"
+    );
+    assert_eq!(
+        read(&f.store, &ring, &id).await.as_deref(),
+        Some(&b"three"[..])
+    );
+    assert_eq!(
+        f.store
+            .clear_password(&new_id(), open_gate())
+            .await
+            .unwrap(),
+        ClearOutcome::NotFound
+    );
+    assert_eq!(
+        f.store
+            .delete_instance(&new_id(), open_gate())
+            .await
+            .unwrap(),
+        DeleteOutcome::NotFound
+    );
+}
+
+async fn a_refused_gate_commits_nothing(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let id = new_id();
+    let refused = f
+        .store
+        .register(&id, &project("project-a"), refusing_gate())
+        .await;
+    assert!(matches!(
+        refused,
+        Err(StoreError::GateRefused { gate_passed: false })
+    ));
+    assert!(f.store.instance(&id).await.unwrap().is_none());
+    register(&f.store, &id, "project-a").await;
+    let (ring_for_seal, instance) = (ring.clone(), id.to_string());
+    let seal = Box::new(move |version| {
+        let binding = RecordBinding {
+            instance_id: &instance,
+            field: PASSWORD_FIELD,
+            version,
+        };
+        ring_for_seal.seal(&binding, b"never")
+    });
+    let refused = f
+        .store
+        .set_password_once(&id, &project("project-a"), 1, seal, refusing_gate())
+        .await;
+    assert!(matches!(refused, Err(StoreError::GateRefused { .. })));
+    assert_eq!(read(&f.store, &ring, &id).await, None);
+    assert_eq!(f.metadata_rows(&id).await, 0);
+    set(&f.store, &ring, &id, b"kept").await.unwrap();
+    let refused = f.store.clear_password(&id, refusing_gate()).await;
+    assert!(matches!(refused, Err(StoreError::GateRefused { .. })));
+    let refused = f.store.delete_instance(&id, refusing_gate()).await;
+    assert!(matches!(refused, Err(StoreError::GateRefused { .. })));
+    assert_eq!(
+        read(&f.store, &ring, &id).await.as_deref(),
+        Some(&b"kept"[..])
+    );
+}
+
+async fn keys_are_checked_and_counted(f: &Fixture) {
+    let ring = keyring(1);
+    let first = sync(&f.store, &ring).await;
+    assert_eq!(first.added, [1]);
+    assert!(
+        sync(&f.store, &ring).await.added.is_empty(),
+        "known keys stay"
+    );
+    // Another secret under id 1 (and a new key 2): refused as a whole, nothing recorded.
+    let impostor = Keyring::new(
+        &[
+            (1, Zeroizing::new(vec![0xee; 32])),
+            (2, Zeroizing::new(vec![0x02; 32])),
+        ],
+        2,
+    )
+    .unwrap();
+    let outcome = sync(&f.store, &impostor).await;
+    assert_eq!(outcome.mismatched, [1]);
+    assert!(outcome.added.is_empty());
+    let usage = f.store.key_usage().await.unwrap();
+    assert_eq!(usage.len(), 1, "key 2 was not recorded: {usage:?}");
+
+    let ids: Vec<InstanceId> = (0..3).map(|_| new_id()).collect();
+    for id in &ids {
+        register(&f.store, id, "project-a").await;
+    }
+    set(&f.store, &ring, &ids[0], b"a").await.unwrap();
+    let usage = f.store.key_usage().await.unwrap();
+    assert_eq!(
+        (usage[0].key_id, usage[0].records, usage[0].seals),
+        (1, 1, 1)
+    );
+
+    // The seal limit: one seal left, then none, and nothing stored past it.
+    f.set_seals(1, MAX_SEALS_PER_KEY - 1).await;
+    set(&f.store, &ring, &ids[1], b"b").await.unwrap();
+    let refused = set(&f.store, &ring, &ids[2], b"c").await;
+    assert!(
+        matches!(refused, Err(StoreError::KeyExhausted(1))),
+        "{refused:?}"
+    );
+    assert_eq!(read(&f.store, &ring, &ids[2]).await, None);
+    assert_eq!(f.metadata_rows(&ids[2]).await, 0);
+    // A key the store was never told about cannot seal.
+    let unsynced = keyring(3);
+    let refused = set(&f.store, &unsynced, &ids[2], b"c").await;
+    assert!(
+        matches!(refused, Err(StoreError::UnknownKey(3))),
+        "{refused:?}"
+    );
+}
+
+async fn rewrap_moves_records_to_the_active_key(f: &Fixture) {
+    let old = keyring(1);
+    sync(&f.store, &old).await;
+    let ids: Vec<InstanceId> = (0..5).map(|_| new_id()).collect();
+    for id in &ids {
+        register(&f.store, id, "project-a").await;
+        set(&f.store, &old, id, b"secret").await.unwrap();
+    }
+    let new = keyring(2);
+    sync(&f.store, &new).await;
+    let mut candidates = f.store.rewrap_candidates(2, None, 3).await.unwrap();
+    assert_eq!(candidates.len(), 3);
+    let rest = f
+        .store
+        .rewrap_candidates(2, Some(&candidates[2].id), 10)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 2);
+    candidates.extend(rest);
+    let mut sorted: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    sorted.sort();
+    let listed: Vec<String> = candidates.iter().map(|c| c.id.to_string()).collect();
+    assert_eq!(listed, sorted, "in instance order, each once");
+
+    // One record changes after it was listed: the rewrap leaves it.
+    let changed = candidates[0].clone();
+    f.store
+        .clear_password(&changed.id, open_gate())
+        .await
+        .unwrap();
+    set(&f.store, &new, &changed.id, b"changed").await.unwrap();
+    for candidate in &candidates {
+        let ring = new.clone();
+        let instance = candidate.id.to_string();
+        let reseal = Box::new(move |sealed: &[u8], old_version: u64, new_version: u64| {
+            let open = RecordBinding {
+                instance_id: &instance,
+                field: PASSWORD_FIELD,
+                version: old_version,
+            };
+            let Ok(plain) = ring.open(&open, sealed) else {
+                return Ok(Err(metapass::store::Unreadable));
+            };
+            let seal = RecordBinding {
+                version: new_version,
+                ..open
+            };
+            ring.seal(&seal, &plain).map(Ok)
+        });
+        let outcome = f
+            .store
+            .rewrap(candidate, 2, reseal, open_gate())
+            .await
+            .unwrap();
+        if candidate.id == changed.id {
+            assert_eq!(outcome, RewrapOutcome::Skipped);
+        } else {
+            assert!(
+                matches!(outcome, RewrapOutcome::Rewrapped { from: 1, version } if version > candidate.version)
+            );
+        }
+    }
+    assert!(
+        f.store
+            .rewrap_candidates(2, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let usage = f.store.key_usage().await.unwrap();
+    let key = |id| usage.iter().find(|u| u.key_id == id).unwrap();
+    assert_eq!(key(1).records, 0);
+    assert_eq!(key(2).records, 5);
+    for id in &ids {
+        let want: &[u8] = if *id == changed.id {
+            b"changed"
+        } else {
+            b"secret"
+        };
+        assert_eq!(read(&f.store, &new, id).await.as_deref(), Some(want));
+    }
+}
+
+/// Instantiates each contract function once per backend.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let fixture = super::Fixture::sqlite().await;
+                    super::$name(&fixture).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(fixture) = super::Fixture::postgres().await else {
+                        eprintln!("SKIPPED: METAPASS_TEST_POSTGRES is not set");
+                        return;
+                    };
+                    super::$name(&fixture).await;
+                    fixture.drop_schema().await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    registration_is_idempotent_per_project,
+    of_concurrent_sets_exactly_one_wins,
+    versions_only_grow_and_are_never_reused,
+    a_refused_gate_commits_nothing,
+    keys_are_checked_and_counted,
+    rewrap_moves_records_to_the_active_key,
+);
