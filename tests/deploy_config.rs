@@ -165,3 +165,48 @@ async fn the_production_example_starts_and_separates_its_listeners() {
     assert_eq!(event["src_endpoint"]["intermediate_ips"][0], "127.0.0.1");
     assert_eq!(event["unmapped"]["listener"], "compute");
 }
+
+#[test]
+fn a_database_password_must_come_from_an_owner_only_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = installed_example(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let sqlite = "backend = \"sqlite\"\npath = \"metapass.sqlite3\"";
+    assert!(text.contains(sqlite));
+    let with_store = |store: &str| {
+        let path = dir.path().join("postgres.toml");
+        std::fs::write(&path, text.replace(sqlite, store)).unwrap();
+        path
+    };
+    // A password inside the URL is refused outside dev mode, and not echoed.
+    let stderr = serve_must_fail(&with_store(
+        "backend = \"postgres\"\nurl = \"postgresql://metapass:hunter2-db@127.0.0.1:5432/test\"",
+    ));
+    assert!(
+        stderr.contains("only allowed with dev_mode = true; use password_file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2-db"), "{stderr}");
+    // A password file others may read is refused, naming it.
+    let password = dir.path().join("db-password");
+    std::fs::write(&password, "hunter2-db\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = format!(
+        "backend = \"postgres\"\nurl = \"postgresql://metapass@127.0.0.1:5432/test\"\npassword_file = {password:?}"
+    );
+    let stderr = serve_must_fail(&with_store(&store));
+    assert!(
+        stderr.contains("db-password") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hunter2-db"), "{stderr}");
+    // An unknown setting or a URL that is not one is refused before connecting.
+    let stderr = serve_must_fail(&with_store(
+        "backend = \"postgres\"\nurl = \"postgresql://x@127.0.0.1/test\"\npool = 3",
+    ));
+    assert!(stderr.contains("pool"), "{stderr}");
+    let stderr = serve_must_fail(&with_store(
+        "backend = \"postgres\"\nurl = \"host=127.0.0.1 port=notaport\"",
+    ));
+    assert!(stderr.contains("not a PostgreSQL connection URL"), "{stderr}");
+}

@@ -195,3 +195,61 @@ async fn two_replicas_share_one_truth_and_a_killed_one_loses_nothing_acknowledge
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_can_require_verified_tls() {
+    let Some((url, admin_db, schema)) = fresh_schema().await else {
+        return;
+    };
+    // The server's certificate on a Debian PostgreSQL: self-signed, for DNS name localhost.
+    let server_cert = std::path::Path::new("/etc/ssl/certs/ssl-cert-snakeoil.pem");
+    let ssl: String = admin_db.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" || !server_cert.exists() {
+        eprintln!("SKIPPED: the PostgreSQL server has no TLS certificate to verify against");
+        return;
+    }
+    let name = format!("metapass-{schema}");
+    let url = format!(
+        "{}&application_name={name}",
+        url.replace("@127.0.0.1:", "@localhost:")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let with_roots = |roots: &std::path::Path| {
+        let config = postgres_config(dir.path(), &url);
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "pool_size = 8",
+            &format!("pool_size = 8\nca_file = {roots:?}"),
+        );
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+
+    // Roots that did not issue the server's certificate: the daemon refuses to start.
+    let stderr = serve_must_fail(&with_roots(&repo().join("certs-dev/ca.pem")));
+    assert!(
+        stderr.contains("TLS") && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+
+    // The right roots: it starts, and its database connections are encrypted.
+    let daemon = Daemon::start_with(&with_roots(server_cert), tempfile::tempdir().unwrap());
+    let id = new_instance();
+    daemon.client().register(&id, A).await;
+    let encrypted: Vec<bool> = admin_db
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = $1 AND a.client_port IS NOT NULL",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!encrypted.is_empty());
+    assert!(encrypted.iter().all(|tls| *tls), "{encrypted:?}");
+    drop(daemon);
+    let _ = admin_db
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await;
+}

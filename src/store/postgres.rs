@@ -19,7 +19,6 @@
 //! Error messages keep PostgreSQL's SQLSTATE and message only, never its DETAIL (which can quote
 //! row values).
 
-use std::fmt::Display;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,8 +97,19 @@ fn db_err(e: tokio_postgres::Error) -> StoreError {
     })
 }
 
-fn pool_err(e: impl Display) -> StoreError {
-    StoreError::Unavailable(format!("PostgreSQL pool: {e}"))
+/// A pool error with its causes (a TLS handshake failure says why: unknown issuer, name mismatch).
+fn pool_err<E: std::error::Error>(e: E) -> StoreError {
+    let mut message = format!("PostgreSQL pool: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    StoreError::Unavailable(message)
 }
 
 fn now_unix() -> i64 {
@@ -207,7 +217,9 @@ impl PostgresStore {
         if let Some(password) = &settings.password {
             config.password(password.expose_secret().as_bytes());
         }
-        config.application_name("metapass");
+        if config.get_application_name().is_none() {
+            config.application_name("metapass");
+        }
         config.connect_timeout(POOL_TIMEOUT);
         let target = describe(&config);
         let manager_config = ManagerConfig {
