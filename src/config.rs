@@ -278,8 +278,26 @@ pub struct Config {
     pub store: StoreConfig,
     /// The audit log.
     pub audit: AuditSettings,
+    /// Following Nova's notifications, if enabled.
+    pub notifications: Option<NotificationSettings>,
     /// Warnings to log at startup (dev mode, lax modes).
     pub warnings: Vec<String>,
+}
+
+/// Where Nova's versioned notifications arrive (oslo.messaging on RabbitMQ).
+#[derive(Debug, Clone)]
+pub struct NotificationSettings {
+    /// The AMQP URL (`amqp://user@host:5672/vhost`), with the password from `password_file`
+    /// already in it; secret.
+    pub url: SecretString,
+    /// Nova's control exchange (`nova`).
+    pub exchange: String,
+    /// The notification topic (`versioned_notifications`); metapass binds `<topic>.info`.
+    pub topic: String,
+    /// metapass's own queue on that exchange.
+    pub queue: String,
+    /// Whether the exchange and queue are durable (oslo.messaging's `amqp_durable_queues`).
+    pub durable: bool,
 }
 
 #[derive(Deserialize)]
@@ -298,6 +316,8 @@ struct RawConfig {
     rate_limits: RawFileRef,
     keys: RawKeys,
     store: RawStore,
+    #[serde(default)]
+    nova_notifications: Option<RawNotifications>,
     audit: RawAudit,
     #[serde(default)]
     limits: Limits,
@@ -338,6 +358,34 @@ fn default_proxy_auth() -> ProxyAuth {
 #[serde(deny_unknown_fields)]
 struct RawFileRef {
     file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotifications {
+    enabled: bool,
+    url: SecretString,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_exchange")]
+    exchange: String,
+    #[serde(default = "default_topic")]
+    topic: String,
+    #[serde(default = "default_queue")]
+    queue: String,
+    #[serde(default)]
+    durable: bool,
+}
+
+fn default_exchange() -> String {
+    "nova".into()
+}
+
+fn default_topic() -> String {
+    "versioned_notifications".into()
+}
+
+fn default_queue() -> String {
+    "metapass.versioned_notifications".into()
 }
 
 #[derive(Deserialize)]
@@ -825,6 +873,53 @@ impl Config {
             }
         };
 
+        let notifications = match raw.nova_notifications {
+            Some(n) if n.enabled => {
+                let mut url = url::Url::parse(n.url.expose_secret())
+                    .map_err(|_| err(path, "[nova_notifications] url is not an AMQP URL"))?;
+                if url.scheme() != "amqp" {
+                    return Err(err(
+                        path,
+                        "[nova_notifications] url must be amqp:// (this build has no AMQP over TLS; keep the broker on a protected network)",
+                    ));
+                }
+                if url.password().is_some() && !dev_mode {
+                    return Err(err(
+                        path,
+                        "a password in [nova_notifications] url is only allowed with dev_mode = true; use password_file",
+                    ));
+                }
+                if let Some(file) = n.password_file {
+                    let file = under(base, &file);
+                    check_secret_mode(&file, dev_mode, &mut warnings)?;
+                    let password = Zeroizing::new(read_text(&file)?.trim().to_owned());
+                    url.set_password(Some(&password)).map_err(|()| {
+                        err(path, "[nova_notifications] url cannot carry a password")
+                    })?;
+                }
+                for (name, value) in [
+                    ("exchange", &n.exchange),
+                    ("topic", &n.topic),
+                    ("queue", &n.queue),
+                ] {
+                    if value.is_empty() || value.len() > 255 {
+                        return Err(err(
+                            path,
+                            format!("[nova_notifications] {name} must be 1 to 255 characters"),
+                        ));
+                    }
+                }
+                Some(NotificationSettings {
+                    url: SecretString::from(url.to_string()),
+                    exchange: n.exchange,
+                    topic: n.topic,
+                    queue: n.queue,
+                    durable: n.durable,
+                })
+            }
+            _ => None,
+        };
+
         let audit_key_path = under(base, &raw.audit.key_file);
         check_secret_mode(&audit_key_path, dev_mode, &mut warnings)?;
         let audit = AuditSettings {
@@ -851,6 +946,7 @@ impl Config {
             keyring,
             store,
             audit,
+            notifications,
             warnings,
         })
     }

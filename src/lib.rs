@@ -36,6 +36,7 @@
 //! | [`ids`] | validated identifiers (instance, project, request) |
 //! | [`limits`] | rate limits with bounded key memory |
 //! | [`metrics`] | Prometheus metrics |
+//! | [`nova`] | living beside Nova: `import-nova` from its database, registry sync from its notifications |
 //! | [`devcerts`] | the development certificate authority (never for production) |
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -52,6 +53,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod nova;
 pub mod policy;
 pub mod server;
 pub mod store;

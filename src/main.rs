@@ -59,6 +59,32 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Take over the passwords Nova keeps in its database: register each live instance and seal
+    /// its password into the store. Idempotent; run with the daemon on this data directory
+    /// stopped (a dry run may run beside it).
+    ImportNova {
+        /// Nova's database, read only: mysql://user@host:3306/nova (no password here).
+        #[arg(long)]
+        db: String,
+        /// A file holding the database password (mode 0600).
+        #[arg(long)]
+        db_password_file: Option<PathBuf>,
+        /// The metapass configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// The data directory, if not the configured one.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Count what would be imported; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Instances per batch.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        batch: u32,
+        /// Resume after this Nova instances.id (the last_id a run printed).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
     /// Data key tools: make, rotate and retire keys in a keyring file; show their use.
     Keys {
         #[command(subcommand)]
@@ -220,6 +246,27 @@ fn main() -> ExitCode {
         Command::DevCerts { out, leaf_days } => dev_certs(out, leaf_days),
         Command::Audit { command } => audit(command),
         Command::Keys { command } => keys(command),
+        Command::ImportNova {
+            db,
+            db_password_file,
+            config,
+            data_dir,
+            dry_run,
+            batch,
+            after,
+        } => import_nova(
+            ImportArgs {
+                db,
+                db_password_file,
+                dry_run,
+                options: metapass::nova::import::ImportOptions {
+                    batch: batch as usize,
+                    after,
+                },
+            },
+            config,
+            data_dir,
+        ),
     };
     match result {
         Ok(code) => code,
@@ -229,6 +276,86 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What `import-nova` was asked.
+struct ImportArgs {
+    db: String,
+    db_password_file: Option<PathBuf>,
+    dry_run: bool,
+    options: metapass::nova::import::ImportOptions,
+}
+
+fn import_nova(
+    args: ImportArgs,
+    config: PathBuf,
+    data_dir: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    use metapass::nova::import;
+    let config = load(
+        &config,
+        &Overrides {
+            listen: None,
+            data_dir,
+        },
+    )?;
+    let mut url = url::Url::parse(&args.db)
+        .map_err(|_| "--db is not a URL (mysql://user@host:3306/nova)".to_owned())?;
+    if url.password().is_some() {
+        return Err(
+            "--db must not carry a password (every local user can read a command line); use --db-password-file"
+                .into(),
+        );
+    }
+    if let Some(file) = &args.db_password_file {
+        let password = zeroize::Zeroizing::new(
+            std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?,
+        );
+        url.set_password(Some(password.trim()))
+            .map_err(|()| "--db cannot carry a password".to_owned())?;
+    }
+    let url = zeroize::Zeroizing::new(url.to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let report = runtime.block_on(async {
+        let nova = import::NovaDatabase::new(&url)?;
+        let report = if args.dry_run {
+            let metrics = metapass::metrics::Metrics::new();
+            let store = metapass::store::Backend::open(&config.store, metrics.store_seconds)
+                .await
+                .map_err(|e| e.to_string())?;
+            import::dry_run(&nova, &store, &args.options).await
+        } else {
+            let app = App::open(config).await?;
+            metapass::api::keys::load_at_startup(&app).await?;
+            let report = import::run(&nova, &app, &args.options).await;
+            app.auditor
+                .flush()
+                .await
+                .map_err(|e| format!("flushing the audit log: {e}"))?;
+            report
+        };
+        nova.close().await;
+        report
+    })?;
+    let verb = if args.dry_run {
+        "would import"
+    } else {
+        "imported"
+    };
+    println!(
+        "{verb} {}, already present {}, skipped deleted {}, empty {}, conflicts {}, invalid {}, last_id {}",
+        report.imported,
+        report.already_present,
+        report.skipped_deleted,
+        report.empty,
+        report.conflicts,
+        report.invalid,
+        report.last_id
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load(config: &std::path::Path, overrides: &Overrides) -> Result<Config, String> {
@@ -275,12 +402,16 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
         }
         let data_dir = config.data_dir.clone();
         let cleanup_every = limits::cleanup_interval(&config.rate_limits);
+        let notifications = config.notifications.clone();
         let app = Arc::new(App::open(config).await?);
         tracing::info!(store = app.store.kind(), "store open");
         let auditor = app.auditor.clone();
         // The keyring must match what the store has seen before anything is sealed or opened.
         metapass::api::keys::load_at_startup(&app).await?;
         tokio::spawn(metapass::api::keys::rewrap_loop(app.clone()));
+        if let Some(settings) = notifications {
+            tokio::spawn(metapass::nova::notifications::run(app.clone(), settings));
+        }
         tracing::info!(data_dir = %data_dir.display(), "metapass serving");
         // One line per listener on stdout: scripts and tests wait for them to know the ports.
         for endpoint in &endpoints {

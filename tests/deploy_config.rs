@@ -208,5 +208,8 @@ fn a_database_password_must_come_from_an_owner_only_file() {
     let stderr = serve_must_fail(&with_store(
         "backend = \"postgres\"\nurl = \"host=127.0.0.1 port=notaport\"",
     ));
-    assert!(stderr.contains("not a PostgreSQL connection URL"), "{stderr}");
+    assert!(
+        stderr.contains("not a PostgreSQL connection URL"),
+        "{stderr}"
+    );
 }

@@ -170,6 +170,7 @@ impl Auditor {
             .recursive(true)
             .mode(0o700)
             .create(&config.dir)?;
+        let lock = lock_dir(&config.dir)?;
         let position = recover(&config.dir, &keys)?;
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let health = Arc::new(WriterHealth::default());
@@ -187,6 +188,7 @@ impl Auditor {
             metrics: metrics.clone(),
             buf: Vec::with_capacity(64 * 1024),
             unsynced: false,
+            _lock: lock,
         };
         thread::Builder::new()
             .name("metapass-audit-writer".into())
@@ -381,7 +383,33 @@ pub fn log_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Takes the audit directory for this process alone: one chain has one writer. A second daemon
+/// (or `import-nova`) on the same directory is refused instead of interleaving sequence numbers.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(".lock"))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |e| {
+            if e == rustix::io::Errno::WOULDBLOCK {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "in use by another metapass process (one audit directory per process)",
+                )
+            } else {
+                io::Error::from(e)
+            }
+        },
+    )?;
+    Ok(file)
+}
+
 struct Writer {
+    /// The directory's lock, held for as long as the writer runs.
+    _lock: File,
     dir: PathBuf,
     sync: SyncMode,
     max_file_bytes: u64,
