@@ -1,0 +1,3 @@
+-- GET of the password path with no metapass headers (nginx, the bare server).
+dofile(os.getenv("BENCH_DIR") .. "/report.lua")
+wrk.path = "/openstack/latest/password"

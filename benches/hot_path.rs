@@ -1,0 +1,141 @@
+//! In-process costs of the hot path (criterion): sealing and opening a password, splitting and
+//! joining its chunks, checking a proxy signature, encoding an audit event, and a whole
+//! `GET /openstack/latest/password` through the handler with an in-memory transport (store and
+//! audit log real, on a temporary directory, audit writes not fsynced).
+//!
+//! `cargo bench --bench hot_path`; the figures are in BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http_body_util::Full;
+use metapass::api::{self, App, ConnInfo};
+use metapass::audit::{Facts, SyncMode};
+use metapass::config::{Config, Overrides};
+use metapass::crypto::{Keyring, RecordBinding};
+use metapass::identity::ProxySigner;
+use metapass::ids::{InstanceId, ProjectId};
+use metapass::store::{PASSWORD_FIELD, Store, chunks, open_gate};
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+const INSTANCE: &str = "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90";
+const SECRET: &str = "dev-metadata-proxy-secret";
+
+fn blob() -> Vec<u8> {
+    vec![b'A'; 344]
+}
+
+fn crypto(c: &mut Criterion) {
+    let keyring = Keyring::new(&[(1, Zeroizing::new(vec![7; 32]))], 1).unwrap();
+    let binding = RecordBinding {
+        instance_id: INSTANCE,
+        field: PASSWORD_FIELD,
+        version: 42,
+    };
+    let blob = blob();
+    c.bench_function("seal 344 bytes (padded to 1024)", |b| {
+        b.iter(|| keyring.seal(&binding, &blob).unwrap())
+    });
+    let sealed = keyring.seal(&binding, &blob).unwrap();
+    c.bench_function("open", |b| {
+        b.iter(|| keyring.open(&binding, &sealed).unwrap())
+    });
+    c.bench_function("chunk split", |b| {
+        b.iter(|| chunks::split(PASSWORD_FIELD, &sealed).len())
+    });
+    let stored: Vec<(String, Vec<u8>)> = chunks::split(PASSWORD_FIELD, &sealed)
+        .into_iter()
+        .map(|(k, v)| (k, v.to_vec()))
+        .collect();
+    c.bench_function("chunk join", |b| {
+        b.iter(|| chunks::join(PASSWORD_FIELD, &stored).unwrap())
+    });
+}
+
+fn identity_and_audit(c: &mut Criterion) {
+    let signer = ProxySigner::new(&SecretString::from(SECRET));
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-instance-id", INSTANCE.parse().unwrap());
+    headers.insert("x-tenant-id", "project-a".parse().unwrap());
+    headers.insert(
+        "x-instance-id-signature",
+        signer.sign(INSTANCE).parse().unwrap(),
+    );
+    c.bench_function("proxy signature check", |b| {
+        b.iter(|| signer.verify(&headers).1.is_ok())
+    });
+    let mut facts = Facts::new(SocketAddr::from(([127, 0, 0, 1], 40000)), Some("TLSv1.3"));
+    facts.operation = "password:get";
+    facts.target_instance = Some(INSTANCE.into());
+    facts.target_project = Some("project-a".into());
+    c.bench_function("audit event encoding", |b| {
+        b.iter(|| metapass::audit::event::encode(&facts, 200, Duration::from_micros(150)).len())
+    });
+}
+
+fn handler(c: &mut Criterion) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Config::load(
+        &repo.join("policy/dev.toml"),
+        &Overrides {
+            listen: None,
+            data_dir: Some(data.path().to_owned()),
+        },
+    )
+    .unwrap();
+    config.audit.sync = SyncMode::Write;
+    let listener = Arc::new(config.listeners[0].clone());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let app = runtime.block_on(async {
+        let app = App::open(config).await.unwrap();
+        api::keys::load_at_startup(&app).await.unwrap();
+        let id = InstanceId::parse(INSTANCE).unwrap();
+        let project = ProjectId::parse("project-a").unwrap();
+        app.store
+            .register(&id, &project, open_gate())
+            .await
+            .unwrap();
+        let keyring = app.keyring();
+        let seal = Box::new(move |version| {
+            let binding = RecordBinding {
+                instance_id: INSTANCE,
+                field: PASSWORD_FIELD,
+                version,
+            };
+            keyring.seal(&binding, &blob())
+        });
+        app.store
+            .set_password_once(&id, &project, 1, seal, open_gate())
+            .await
+            .unwrap();
+        Arc::new(app)
+    });
+    let signature = ProxySigner::new(&SecretString::from(SECRET)).sign(INSTANCE);
+    let conn = Arc::new(ConnInfo {
+        peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        proxied_by: None,
+        tls_version: Some("TLSv1.3"),
+        client_cert: None,
+        listener,
+    });
+    c.bench_function("GET /openstack/latest/password, whole handler", |b| {
+        b.iter(|| {
+            let request = http::Request::get("/openstack/latest/password")
+                .header("x-instance-id", INSTANCE)
+                .header("x-tenant-id", "project-a")
+                .header("x-instance-id-signature", signature.as_str())
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = runtime.block_on(api::serve(app.clone(), conn.clone(), request));
+            assert_eq!(response.status(), 200);
+        })
+    });
+}
+
+criterion_group!(benches, crypto, identity_and_audit, handler);
+criterion_main!(benches);
