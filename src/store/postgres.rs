@@ -9,10 +9,10 @@
 //!   others wait for its row lock, re-check the condition and change nothing.
 //! - Record versions come from a sequence, taken only while the instance's row is locked, so each
 //!   instance's version only grows, and is never reused store-wide.
-//! - Seal counters are reserved by one autocommit statement on a separate small pool, so the hot
-//!   `data_keys` row is locked for one statement, not for the whole transaction (which waits for
-//!   the audit fsync). A transaction that later rolls back leaves its seal counted: an over-count,
-//!   which only brings rotation earlier.
+//! - Seal counters are reserved 256 at a time by one autocommit statement on a separate small
+//!   pool, so the hot `data_keys` row is locked for one statement, not for the whole transaction
+//!   (which waits for the audit fsync), and not once per post. Seals reserved and not used (a
+//!   rollback, a restart) stay counted: an over-count, which only brings rotation earlier.
 //! - Migrations are versioned in `metapass_schema` and applied at startup under an advisory lock,
 //!   so replicas starting together apply each one once.
 //!
@@ -78,8 +78,13 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PostgresStore {
     pool: Pool,
     counters: Pool,
+    /// Seals reserved in the database and not yet used by this process, per key.
+    leases: tokio::sync::Mutex<std::collections::HashMap<KeyId, u64>>,
     target: String,
 }
+
+/// Seals one reservation takes from a key's budget (see [`PostgresStore::reserve_seal`]).
+const SEAL_LEASE: u64 = 256;
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,6 +254,7 @@ impl PostgresStore {
         Ok(Self {
             pool: build(settings.pool_size.max(1))?,
             counters: build(COUNTER_POOL_SIZE)?,
+            leases: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             target,
         })
     }
@@ -303,20 +309,32 @@ impl PostgresStore {
         tx.commit().await.map_err(db_err)
     }
 
-    /// Takes one seal from `key_id`'s budget in its own short statement (see the module docs).
+    /// Takes one seal from `key_id`'s budget. The budget is leased from the database
+    /// [`SEAL_LEASE`] seals at a time, in one short autocommit statement (see the module docs):
+    /// one counter update per seal made every post wait for its own database commit, which held
+    /// POSTs on PostgreSQL to about 750 per second. Seals leased and unused when the process ends
+    /// stay counted, which only brings rotation earlier; near the limit, single seals are taken.
     async fn reserve_seal(&self, key_id: KeyId) -> Result<(), StoreError> {
+        let mut leases = self.leases.lock().await;
+        if let Some(left) = leases.get_mut(&key_id).filter(|left| **left > 0) {
+            *left -= 1;
+            return Ok(());
+        }
         let conn = self.counters.get().await.map_err(pool_err)?;
         let limit = to_i64(MAX_SEALS_PER_KEY);
         let key = i64::from(key_id);
-        let taken = conn
-            .execute(
-                "UPDATE data_keys SET seals = seals + 1 WHERE key_id = $1 AND seals < $2",
-                &[&key, &limit],
-            )
-            .await
-            .map_err(db_err)?;
-        if taken == 1 {
-            return Ok(());
+        for lease in [SEAL_LEASE, 1] {
+            let taken = conn
+                .execute(
+                    "UPDATE data_keys SET seals = seals + $3 WHERE key_id = $1 AND seals + $3 <= $2",
+                    &[&key, &limit, &to_i64(lease)],
+                )
+                .await
+                .map_err(db_err)?;
+            if taken == 1 {
+                leases.insert(key_id, lease - 1);
+                return Ok(());
+            }
         }
         let known = conn
             .query_opt("SELECT 1 FROM data_keys WHERE key_id = $1", &[&key])
