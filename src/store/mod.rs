@@ -111,7 +111,8 @@ pub struct KeyUsage {
     pub key_id: KeyId,
     /// Passwords currently sealed under it.
     pub records: u64,
-    /// Seals ever made under it (counted since it was first loaded).
+    /// Seals ever made under it, counted since it was first loaded (with PostgreSQL, seals leased
+    /// by replicas count as made).
     pub seals: u64,
     /// Whether the store has its check value (it has been loaded at least once).
     pub known: bool,
