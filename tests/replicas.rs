@@ -11,29 +11,6 @@ use common::*;
 
 const A: &str = "project-a";
 
-/// A fresh schema on the test server; returns the URL that uses it, or `None` to skip.
-async fn fresh_schema() -> Option<(String, tokio_postgres::Client, String)> {
-    let Ok(base) = std::env::var("METAPASS_TEST_POSTGRES") else {
-        eprintln!("SKIPPED: METAPASS_TEST_POSTGRES is not set");
-        return None;
-    };
-    let schema = format!("mp_{}", uuid::Uuid::new_v4().simple());
-    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-        .await
-        .expect("connect to METAPASS_TEST_POSTGRES");
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    Some((
-        format!("{base}{separator}options=-c%20search_path%3D{schema}"),
-        client,
-        schema,
-    ))
-}
-
 /// The dev config on the PostgreSQL store at `url`.
 fn postgres_config(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
     config_with(dir, |text| {
@@ -48,7 +25,7 @@ fn postgres_config(dir: &std::path::Path, url: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_truth_and_a_killed_one_loses_nothing_acknowledged() {
-    let Some((url, admin_db, schema)) = fresh_schema().await else {
+    let Some((url, admin_db, schema)) = fresh_postgres_schema().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -198,7 +175,7 @@ async fn two_replicas_share_one_truth_and_a_killed_one_loses_nothing_acknowledge
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_connection_can_require_verified_tls() {
-    let Some((url, admin_db, schema)) = fresh_schema().await else {
+    let Some((url, admin_db, schema)) = fresh_postgres_schema().await else {
         return;
     };
     // The server's certificate on a Debian PostgreSQL: self-signed, for DNS name localhost.

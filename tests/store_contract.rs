@@ -4,6 +4,8 @@
 //! connection URL (`.ci/run` sets it to the local server); without it each of those tests says
 //! SKIPPED and passes, and `scripts/test-all` says so too.
 
+mod common;
+
 use std::sync::Arc;
 
 use metapass::crypto::{KeyId, Keyring, MAX_SEALS_PER_KEY, RecordBinding};
@@ -44,18 +46,7 @@ impl Fixture {
 
     /// A fresh schema on the server `METAPASS_TEST_POSTGRES` names, or `None` to skip.
     async fn postgres() -> Option<Self> {
-        let base = std::env::var("METAPASS_TEST_POSTGRES").ok()?;
-        let schema = format!("mp_{}", uuid::Uuid::new_v4().simple());
-        let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
-            .await
-            .expect("connect to METAPASS_TEST_POSTGRES");
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .await
-            .unwrap();
-        let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+        let (url, client, schema) = common::fresh_postgres_schema().await?;
         let config = metapass::config::StoreConfig::Postgres(metapass::config::PostgresSettings {
             url: url.into(),
             password: None,
@@ -515,7 +506,6 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let Some(fixture) = super::Fixture::postgres().await else {
-                        eprintln!("SKIPPED: METAPASS_TEST_POSTGRES is not set");
                         return;
                     };
                     super::$name(&fixture).await;

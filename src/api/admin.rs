@@ -119,7 +119,12 @@ pub async fn handle<B: super::RequestBody>(
     }
 }
 
-fn answer_register(outcome: &RegisterOutcome, _: &mut Facts) -> Result<StatusCode, ApiError> {
+/// The answer to a registration (also the outcome of the registrations Nova's notifications and
+/// `import-nova` make).
+pub(crate) fn answer_register(
+    outcome: &RegisterOutcome,
+    _: &mut Facts,
+) -> Result<StatusCode, ApiError> {
     match outcome {
         RegisterOutcome::Created => Ok(StatusCode::CREATED),
         RegisterOutcome::Unchanged => Ok(StatusCode::OK),

@@ -414,11 +414,28 @@ async fn post_password<B: super::RequestBody>(
         };
         ApiError::bad_request(reason, message)
     })?;
-    ex.facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(&body));
+    let result = seal_once(app, ex, &id, &tenant, body, answer_set).await;
+    let outcome = result.map_err(|e| store_failure(&e))?;
+    answer_set(&outcome, &mut ex.facts)?;
+    Ok(respond::text(Bytes::new()))
+}
 
+/// Seals `blob` under the active key and stores it for `id` if none is set, with the audit event
+/// of `host` (its blob fingerprint and key id filled in, `answer` deciding its outcome) made
+/// durable before the commit. The one set-once path: the guest's POST and `import-nova`.
+pub(crate) async fn seal_once<A: super::Audited>(
+    app: &App,
+    host: &mut A,
+    id: &InstanceId,
+    project: &ProjectId,
+    blob: impl AsRef<[u8]> + Send + 'static,
+    answer: fn(&SetOutcome, &mut Facts) -> Result<StatusCode, ApiError>,
+) -> Result<SetOutcome, crate::store::StoreError> {
     let keyring = app.keyring();
     let key_id = keyring.active_key_id();
-    ex.facts.key_id = Some(key_id);
+    let facts = host.facts();
+    facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(blob.as_ref()));
+    facts.key_id = Some(key_id);
     let instance = id.to_string();
     let seal = Box::new(move |version: u64| {
         let binding = RecordBinding {
@@ -426,17 +443,15 @@ async fn post_password<B: super::RequestBody>(
             field: PASSWORD_FIELD,
             version,
         };
-        keyring.seal(&binding, &body)
+        keyring.seal(&binding, blob.as_ref())
     });
-    let (gate, invoked) = ex.gate(app, answer_set);
+    let (gate, invoked) = host.gate(app, answer);
     let result = app
         .store
-        .set_password_once(&id, &tenant, key_id, seal, gate)
+        .set_password_once(id, project, key_id, seal, gate)
         .await;
-    ex.settle_gate(&invoked, &result);
-    let outcome = result.map_err(|e| store_failure(&e))?;
-    answer_set(&outcome, &mut ex.facts)?;
-    Ok(respond::text(Bytes::new()))
+    host.settle_gate(&invoked, &result);
+    result
 }
 
 #[cfg(test)]

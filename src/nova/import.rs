@@ -20,13 +20,11 @@ use zeroize::Zeroizing;
 
 use super::{finish, refuse, register, task};
 use crate::api::App;
-use crate::api::Audited;
-use crate::api::metadata::{PasswordBodyError, validate_password};
+use crate::api::metadata::{PasswordBodyError, seal_once, validate_password};
 use crate::api::respond::ApiError;
 use crate::audit::{Activity, Facts, Reason};
-use crate::crypto::RecordBinding;
 use crate::ids::{InstanceId, ProjectId};
-use crate::store::{Backend, PASSWORD_FIELD, RegisterOutcome, SetOutcome, Store};
+use crate::store::{Backend, RegisterOutcome, SetOutcome, Store};
 
 /// The `password_N` keys Nova writes.
 const PASSWORD_KEYS: [&str; 4] = ["password_0", "password_1", "password_2", "password_3"];
@@ -330,26 +328,8 @@ async fn import_one(app: &App, row: NovaInstance, report: &mut ImportReport) -> 
         Some(id.as_str()),
         Some(project.as_str()),
     );
-    let body = Zeroizing::new(row.password.as_bytes().to_vec());
-    task.facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(&body));
-    let keyring = app.keyring();
-    let key_id = keyring.active_key_id();
-    task.facts.key_id = Some(key_id);
-    let instance = id.to_string();
-    let seal = Box::new(move |version: u64| {
-        let binding = RecordBinding {
-            instance_id: &instance,
-            field: PASSWORD_FIELD,
-            version,
-        };
-        keyring.seal(&binding, &body)
-    });
-    let (gate, invoked) = task.gate(app, answer_import);
-    let result = app
-        .store
-        .set_password_once(&id, &project, key_id, seal, gate)
-        .await;
-    task.settle_gate(&invoked, &result);
+    let blob = Zeroizing::new(row.password.as_bytes().to_vec());
+    let result = seal_once(app, &mut task, &id, &project, blob, answer_import).await;
     match finish(app, task, result).await {
         Ok(SetOutcome::Stored { .. }) => report.imported += 1,
         Ok(SetOutcome::AlreadySet) => report.already_present += 1,

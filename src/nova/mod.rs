@@ -8,11 +8,9 @@
 pub mod import;
 pub mod notifications;
 
-use http::StatusCode;
-
 use crate::api::respond::ApiError;
 use crate::api::{Audited, SystemTask, store_failure};
-use crate::audit::{Activity, Facts, Reason, Surface};
+use crate::audit::{Activity, Surface};
 use crate::ids::{InstanceId, ProjectId};
 use crate::store::{RegisterOutcome, Store};
 
@@ -28,18 +26,6 @@ fn task(
     task.facts.target_instance = instance.map(str::to_owned);
     task.facts.target_project = project.map(str::to_owned);
     task
-}
-
-fn answer_register(outcome: &RegisterOutcome, _: &mut Facts) -> Result<StatusCode, ApiError> {
-    match outcome {
-        RegisterOutcome::Created => Ok(StatusCode::CREATED),
-        RegisterOutcome::Unchanged => Ok(StatusCode::OK),
-        RegisterOutcome::OwnedByOther => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            Reason::Conflict,
-            "The instance is registered to another project; left as it is.",
-        )),
-    }
 }
 
 /// Registers `id` to `project`, audited as `operation`. Returns the outcome, or the store error
@@ -58,7 +44,7 @@ async fn register(
         Some(project.as_str()),
     );
     task.facts.detail = Some(detail);
-    let (gate, invoked) = task.gate(app, answer_register);
+    let (gate, invoked) = task.gate(app, crate::api::admin::answer_register);
     let result = app.store.register(id, project, gate).await;
     task.settle_gate(&invoked, &result);
     finish(app, task, result).await

@@ -968,3 +968,24 @@ fn refused_serve(config: &Path, extra_args: &[&str]) -> String {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A fresh schema on the PostgreSQL server `METAPASS_TEST_POSTGRES` names: (a URL that uses it,
+/// an administrative connection, the schema's name); `None`, after saying SKIPPED, without one.
+pub async fn fresh_postgres_schema() -> Option<(String, tokio_postgres::Client, String)> {
+    let Ok(base) = std::env::var("METAPASS_TEST_POSTGRES") else {
+        eprintln!("SKIPPED: METAPASS_TEST_POSTGRES is not set");
+        return None;
+    };
+    let schema = format!("mp_{}", uuid::Uuid::new_v4().simple());
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .expect("connect to METAPASS_TEST_POSTGRES");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+    Some((url, client, schema))
+}
