@@ -292,6 +292,8 @@ fn import_nova(
     data_dir: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
     use metapass::nova::import;
+    // It holds the keyring and Nova's passwords: the same hygiene as the daemon.
+    metapass::hygiene::disable_core_dumps().map_err(|e| format!("disabling core dumps: {e}"))?;
     let config = load(
         &config,
         &Overrides {
