@@ -155,6 +155,17 @@ async fn set(
     id: &InstanceId,
     password: &'static [u8],
 ) -> Result<SetOutcome, StoreError> {
+    set_through(store, ring, id, password, open_gate()).await
+}
+
+/// Like [`set`], through `gate`.
+async fn set_through(
+    store: &Backend,
+    ring: &Arc<Keyring>,
+    id: &InstanceId,
+    password: &'static [u8],
+    gate: Gate<SetOutcome>,
+) -> Result<SetOutcome, StoreError> {
     let (ring_for_seal, instance) = (ring.clone(), id.to_string());
     let seal = Box::new(move |version| {
         let binding = RecordBinding {
@@ -165,13 +176,7 @@ async fn set(
         ring_for_seal.seal(&binding, password)
     });
     store
-        .set_password_once(
-            id,
-            &project("project-a"),
-            ring.active_key_id(),
-            seal,
-            open_gate(),
-        )
+        .set_password_once(id, &project("project-a"), ring.active_key_id(), seal, gate)
         .await
 }
 
@@ -328,19 +333,7 @@ async fn a_refused_gate_commits_nothing(f: &Fixture) {
     ));
     assert!(f.store.instance(&id).await.unwrap().is_none());
     register(&f.store, &id, "project-a").await;
-    let (ring_for_seal, instance) = (ring.clone(), id.to_string());
-    let seal = Box::new(move |version| {
-        let binding = RecordBinding {
-            instance_id: &instance,
-            field: PASSWORD_FIELD,
-            version,
-        };
-        ring_for_seal.seal(&binding, b"never")
-    });
-    let refused = f
-        .store
-        .set_password_once(&id, &project("project-a"), 1, seal, refusing_gate())
-        .await;
+    let refused = set_through(&f.store, &ring, &id, b"never", refusing_gate()).await;
     assert!(matches!(refused, Err(StoreError::GateRefused { .. })));
     assert_eq!(read(&f.store, &ring, &id).await, None);
     assert_eq!(f.metadata_rows(&id).await, 0);

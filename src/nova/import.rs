@@ -188,11 +188,12 @@ fn invalid_password(row: &NovaInstance) -> Option<&'static str> {
     }
 }
 
-/// Counts what an import would do, changing nothing (no audit log needed).
-pub async fn dry_run(
+/// Walks every live Nova instance after `options.after`, batch by batch, handing each to `visit`
+/// with the report to count into; an error from `visit` stops the walk.
+async fn walk(
     nova: &NovaDatabase,
-    store: &Backend,
     options: &ImportOptions,
+    mut visit: impl AsyncFnMut(NovaInstance, &mut ImportReport) -> Result<(), String>,
 ) -> Result<ImportReport, String> {
     let mut report = ImportReport {
         skipped_deleted: nova.deleted().await?,
@@ -202,25 +203,40 @@ pub async fn dry_run(
     loop {
         let rows = nova.batch(report.last_id, options.batch).await?;
         let Some(last) = rows.last() else { break };
-        report.last_id = last.id;
-        for row in &rows {
-            if invalid_row(row).is_some() || invalid_password(row).is_some() {
-                report.invalid += 1;
-                continue;
-            }
-            let id = InstanceId::parse(&row.uuid).map_err(|e| e.to_string())?;
-            let existing = store.instance(&id).await.map_err(|e| e.to_string())?;
-            match existing {
-                Some(r) if Some(r.project_id.as_str()) != row.project.as_deref() => {
-                    report.conflicts += 1;
-                }
-                _ if row.password.is_empty() => report.empty += 1,
-                Some(r) if r.password_set => report.already_present += 1,
-                _ => report.imported += 1,
-            }
+        let last_id = last.id;
+        for row in rows {
+            visit(row, &mut report).await?;
         }
+        report.last_id = last_id;
+        tracing::info!(after = last_id, "import batch done");
     }
     Ok(report)
+}
+
+/// Counts what an import would do, changing nothing (no audit log needed).
+pub async fn dry_run(
+    nova: &NovaDatabase,
+    store: &Backend,
+    options: &ImportOptions,
+) -> Result<ImportReport, String> {
+    walk(nova, options, async |row, report| {
+        if invalid_row(&row).is_some() || invalid_password(&row).is_some() {
+            report.invalid += 1;
+            return Ok(());
+        }
+        let id = InstanceId::parse(&row.uuid).map_err(|e| e.to_string())?;
+        let existing = store.instance(&id).await.map_err(|e| e.to_string())?;
+        match existing {
+            Some(r) if Some(r.project_id.as_str()) != row.project.as_deref() => {
+                report.conflicts += 1;
+            }
+            _ if row.password.is_empty() => report.empty += 1,
+            Some(r) if r.password_set => report.already_present += 1,
+            _ => report.imported += 1,
+        }
+        Ok(())
+    })
+    .await
 }
 
 fn answer_import(outcome: &SetOutcome, facts: &mut Facts) -> Result<StatusCode, ApiError> {
@@ -251,22 +267,10 @@ pub async fn run(
     app: &App,
     options: &ImportOptions,
 ) -> Result<ImportReport, String> {
-    let mut report = ImportReport {
-        skipped_deleted: nova.deleted().await?,
-        last_id: options.after,
-        ..ImportReport::default()
-    };
-    loop {
-        let rows = nova.batch(report.last_id, options.batch).await?;
-        let Some(last) = rows.last() else { break };
-        let last_id = last.id;
-        for row in rows {
-            import_one(app, row, &mut report).await?;
-        }
-        report.last_id = last_id;
-        tracing::info!(after = last_id, "import batch done");
-    }
-    Ok(report)
+    walk(nova, options, async |row, report| {
+        import_one(app, row, report).await
+    })
+    .await
 }
 
 /// Imports one instance; an error stops the run (the store or the audit log failed).

@@ -36,6 +36,30 @@ pub use chunks::{ChunkError, MAX_VALUE_LEN};
 /// The metadata field that holds the sealed password.
 pub const PASSWORD_FIELD: &str = "password";
 
+/// The common prefix of the password's chunk names (`password_0`, `password_1`, ...): the
+/// backends select chunks by it without building it per request.
+pub const PASSWORD_CHUNK_PREFIX: &str = "password_";
+
+/// Now, in Unix seconds, as the backends store timestamps.
+pub(crate) fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A record version (or a count) read from a database integer column.
+pub(crate) fn version_from(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative record version {v}")))
+}
+
+/// A key id read from a database integer column.
+pub(crate) fn key_id_from(v: i64) -> Result<KeyId, StoreError> {
+    KeyId::try_from(v).map_err(|_| StoreError::Corrupt(format!("key id {v} out of range")))
+}
+
+/// A version or count for a database integer column (saturating; versions never get near it).
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// A registered instance as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceRecord {
@@ -444,4 +468,18 @@ impl Store for Backend {
 /// A gate that lets everything through; for tools and tests that audit by other means.
 pub fn open_gate<O>() -> Gate<O> {
     Box::new(|_| Box::pin(async { Ok(()) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chunk_prefix_is_what_split_names_chunks() {
+        assert_eq!(PASSWORD_CHUNK_PREFIX, format!("{PASSWORD_FIELD}_"));
+        let sealed = vec![0u8; 3 * MAX_VALUE_LEN + 1];
+        for (name, _) in chunks::split(PASSWORD_FIELD, &sealed) {
+            assert!(name.starts_with(PASSWORD_CHUNK_PREFIX), "{name}");
+        }
+    }
 }

@@ -29,9 +29,9 @@ use secrecy::ExposeSecret;
 use tokio_postgres::{GenericClient, NoTls};
 
 use super::{
-    ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_FIELD,
-    PasswordRecord, RegisterOutcome, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome,
-    Store, StoreError, chunks,
+    ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX,
+    PASSWORD_FIELD, PasswordRecord, RegisterOutcome, ResealFn, RewrapCandidate, RewrapOutcome,
+    SealFn, SetOutcome, Store, StoreError, chunks, key_id_from, now_unix, to_i64, version_from,
 };
 use crate::config::PostgresSettings;
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
@@ -115,27 +115,6 @@ fn pool_err<E: std::error::Error>(e: E) -> StoreError {
         source = cause.source();
     }
     StoreError::Unavailable(message)
-}
-
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-fn version_from(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative record version {v}")))
-}
-
-fn key_id_from(v: i64) -> Result<KeyId, StoreError> {
-    KeyId::try_from(v).map_err(|_| StoreError::Corrupt(format!("key id {v} out of range")))
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// The prefix of the password's chunk names (`password_0`, ...).
-fn chunk_prefix() -> String {
-    format!("{PASSWORD_FIELD}_")
 }
 
 /// Where a store connects, for logs: host, port and database, never the user's password.
@@ -257,11 +236,6 @@ impl PostgresStore {
             leases: tokio::sync::Mutex::new(std::collections::HashMap::new()),
             target,
         })
-    }
-
-    /// Where the store connects (no credentials), for logs.
-    pub fn target(&self) -> &str {
-        &self.target
     }
 
     async fn conn(&self) -> Result<Object, StoreError> {
@@ -407,7 +381,7 @@ async fn write_chunks(tx: &Transaction<'_>, id: &str, sealed: &[u8]) -> Result<(
 async fn delete_chunks(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
     tx.execute(
         "DELETE FROM instance_metadata WHERE instance_id = $1 AND starts_with(key, $2)",
-        &[&id, &chunk_prefix()],
+        &[&id, &PASSWORD_CHUNK_PREFIX],
     )
     .await
     .map_err(db_err)?;
@@ -471,7 +445,7 @@ impl Store for PostgresStore {
                  LEFT JOIN instance_metadata m
                    ON m.instance_id = i.instance_id AND starts_with(m.key, $2)
                  WHERE i.instance_id = $1",
-                &[&id.as_str(), &chunk_prefix()],
+                &[&id.as_str(), &PASSWORD_CHUNK_PREFIX],
             )
             .await
             .map_err(db_err)?;
@@ -700,7 +674,7 @@ impl Store for PostgresStore {
                 .query(
                     "SELECT key, value FROM instance_metadata
                      WHERE instance_id = $1 AND starts_with(key, $2)",
-                    &[&id, &chunk_prefix()],
+                    &[&id, &PASSWORD_CHUNK_PREFIX],
                 )
                 .await
                 .map_err(db_err)?

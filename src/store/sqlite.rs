@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ClearOutcome, DeleteOutcome, Gate, GateTicket, InstanceRecord, KeySync, KeyUsage,
-    PASSWORD_FIELD, PasswordRecord, RegisterOutcome, ResealFn, RewrapCandidate, RewrapOutcome,
-    SealFn, SetOutcome, Store, StoreError, chunks,
+    PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, ResealFn,
+    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from,
+    now_unix, to_i64, version_from,
 };
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
 use crate::ids::{InstanceId, ProjectId};
@@ -138,10 +139,6 @@ impl std::fmt::Debug for SqliteStore {
 
 fn db_err(e: rusqlite::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 impl SqliteStore {
@@ -423,10 +420,6 @@ fn truncate_wal(conn: &Connection) {
     }
 }
 
-fn version_from(v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative record version {v}")))
-}
-
 fn instance_row(conn: &Connection, id: &str) -> Result<Option<InstanceRecord>, StoreError> {
     conn.prepare_cached(
         "SELECT project_id, password_set, password_version FROM instances WHERE instance_id = ?1",
@@ -543,10 +536,6 @@ fn key_usage_on(conn: &Connection) -> Result<Vec<KeyUsage>, StoreError> {
     Ok(usage.into_values().collect())
 }
 
-fn key_id_from(v: i64) -> Result<KeyId, StoreError> {
-    KeyId::try_from(v).map_err(|_| StoreError::Corrupt(format!("key id {v} out of range")))
-}
-
 /// Key usage read straight from the database file at `path`, read-only, for `metapass keys
 /// status` (the daemon may be serving from it meanwhile).
 pub fn read_key_usage(path: &Path) -> Result<Vec<KeyUsage>, StoreError> {
@@ -637,10 +626,9 @@ impl Store for SqliteStore {
                 instance,
                 chunks: Vec::new(),
             };
-            let prefix = format!("{PASSWORD_FIELD}_");
             while let Some(row) = rows.next().map_err(db_err)? {
                 let key: String = row.get(0).map_err(db_err)?;
-                if !key.starts_with(&prefix) {
+                if !key.starts_with(PASSWORD_CHUNK_PREFIX) {
                     continue;
                 }
                 if record.chunks.len() >= chunks::MAX_CHUNKS {
@@ -852,7 +840,7 @@ impl Store for SqliteStore {
                  WHERE instance_id = ?1",
             )
             .map_err(db_err)?
-            .execute(params![id, i64::try_from(version).unwrap_or(i64::MAX), to_key, now_unix()])
+            .execute(params![id, to_i64(version), to_key, now_unix()])
             .map_err(db_err)?;
             Ok(RewrapOutcome::Rewrapped {
                 from: expected.key_id,
@@ -882,11 +870,7 @@ impl Store for SqliteStore {
                  WHERE instance_id = ?1",
             )
             .map_err(db_err)?
-            .execute(params![
-                id,
-                now_unix(),
-                i64::try_from(version).unwrap_or(i64::MAX)
-            ])
+            .execute(params![id, now_unix(), to_i64(version)])
             .map_err(db_err)?;
             delete_chunks(conn, &id)?;
             Ok(ClearOutcome::Cleared {
@@ -931,6 +915,6 @@ mod tests {
     #[test]
     fn the_chunk_pattern_in_the_sql_names_the_password_field() {
         // The statements spell `'password_*'` out (see `delete_chunks`).
-        assert_eq!(super::PASSWORD_FIELD, "password");
+        assert_eq!(format!("{}*", super::PASSWORD_CHUNK_PREFIX), "password_*");
     }
 }
