@@ -53,6 +53,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod microversion;
 pub mod nova;
 pub mod policy;
 pub mod server;

@@ -15,19 +15,25 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::identity::Role;
+use crate::identity::{Role, holds};
 
 /// An action the policy decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 pub enum Action {
-    /// Read an instance's password.
-    #[serde(rename = "password:get")]
+    /// Read an instance's password (Nova's `os_compute_api:os-server-password:show`).
+    #[serde(
+        rename = "password:get",
+        alias = "os_compute_api:os-server-password:show"
+    )]
     PasswordGet,
     /// Post an instance's password.
     #[serde(rename = "password:set")]
     PasswordSet,
-    /// Clear an instance's password.
-    #[serde(rename = "password:clear")]
+    /// Clear an instance's password (Nova's `os_compute_api:os-server-password:clear`).
+    #[serde(
+        rename = "password:clear",
+        alias = "os_compute_api:os-server-password:clear"
+    )]
     PasswordClear,
     /// Register an instance to a project.
     #[serde(rename = "instance:register")]
@@ -181,8 +187,10 @@ struct RuleSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
+    /// By name, so that an action named twice (its own name and Nova's rule name) is an error
+    /// rather than one silently replacing the other.
     #[serde(default)]
-    actions: BTreeMap<Action, RuleSpec>,
+    actions: BTreeMap<toml::Spanned<String>, RuleSpec>,
 }
 
 /// Why a policy file was refused.
@@ -289,7 +297,19 @@ impl Policy {
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| PolicyError(e.to_string()))?;
         let mut policy = Self::nova_defaults();
-        for (action, spec) in file.actions {
+        let mut named: BTreeMap<Action, String> = BTreeMap::new();
+        for (name, spec) in file.actions {
+            let line = line_of(text, name.span().start);
+            let name = name.into_inner();
+            let action = Action::deserialize(serde::de::value::StrDeserializer::<
+                serde::de::value::Error,
+            >::new(&name))
+            .map_err(|e| PolicyError(format!("line {line}: unknown action {name:?}: {e}")))?;
+            if let Some(earlier) = named.insert(action, name.clone()) {
+                return Err(PolicyError(format!(
+                    "line {line}: {name:?} and {earlier:?} name the same action; give its rule once"
+                )));
+            }
             let mut grants = Vec::with_capacity(spec.allow.len());
             for spanned in spec.allow {
                 let line = line_of(text, spanned.span().start);
@@ -351,14 +371,14 @@ impl Policy {
             Principal::Instance { .. } => grants.contains(&Grant::Instance),
             Principal::Token { roles, .. } => grants
                 .iter()
-                .any(|g| matches!(g, Grant::Role { role, .. } if roles.contains(role))),
+                .any(|g| matches!(g, Grant::Role { role, .. } if holds(roles, *role))),
         };
         let visible = match principal {
             Principal::Instance { instance_id } => instance_id == target.instance_id,
             Principal::Token { project, roles } => {
                 target.project == Some(project)
                     || self.rules.values().flatten().any(|g| {
-                        matches!(g, Grant::Role { role, scope: ProjectScope::Any } if roles.contains(role))
+                        matches!(g, Grant::Role { role, scope: ProjectScope::Any } if holds(roles, *role))
                     })
             }
         };
@@ -378,7 +398,7 @@ fn grant_matches(grant: Grant, principal: Principal<'_>, target: Target<'_>) -> 
     match (grant, principal) {
         (Grant::Instance, Principal::Instance { instance_id }) => instance_id == target.instance_id,
         (Grant::Role { role, scope }, Principal::Token { project, roles }) => {
-            roles.contains(&role)
+            holds(roles, role)
                 && match scope {
                     ProjectScope::Any => true,
                     ProjectScope::Owner => target.project == Some(project),

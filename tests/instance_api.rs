@@ -93,13 +93,12 @@ async fn old_unknown_versions_and_other_paths_are_404() {
         "/openstack/2012-08-10/password",
         "/openstack/2013-04-05/password",
         "/openstack/foo/password",
-        "/openstack/latest/password/",
-        "/openstack/latest//password",
-        "/openstack//latest/password",
+        "/openstack/latest/password/x",
+        "//openstack/latest/password",
         "/openstack/latest/meta_data.json",
         "/openstack/../admin/v1/instances/x",
         "/openstack/%2e%2e/admin",
-        "/openstack/latest/%70assword",
+        "/openstack/latest/%2570assword",
         "/latest/password",
     ] {
         let reply = client.get(path, &headers).await;
@@ -244,10 +243,13 @@ async fn unknown_instances_and_foreign_tenants_are_the_same_404() {
     let client = daemon.client();
     let id = registered(&client).await;
     client.post_password(&id, A, "secret").await;
+    // An unknown (not yet registered) instance has no password: an empty 200 (see
+    // a_guest_that_arrives_before_its_registration_is_told_to_retry).
     let unknown = client.get_password(&new_instance(), A).await;
+    assert_eq!((unknown.status, unknown.body.len()), (200, 0));
     let foreign = client.get_password(&id, "project-b").await;
     let malformed = client.get_password("not-a-uuid", A).await;
-    for reply in [&unknown, &foreign, &malformed] {
+    for reply in [&foreign, &malformed] {
         assert_eq!(reply.status, 404);
         assert_eq!(reply.error_message(), "Instance not found.");
         assert!(!reply.text().contains("secret"));
@@ -255,7 +257,7 @@ async fn unknown_instances_and_foreign_tenants_are_the_same_404() {
     // POSTs too, and nothing is stored for the foreign tenant.
     assert_eq!(
         client.post_password(&new_instance(), A, "x").await.status,
-        404
+        503
     );
     assert_eq!(
         client.post_password(&id, "project-b", "x").await.status,
@@ -264,7 +266,7 @@ async fn unknown_instances_and_foreign_tenants_are_the_same_404() {
     assert_eq!(client.get_password(&id, A).await.text(), "secret");
     let events = daemon.audit_events();
     let reason = |r: &Reply| event_for(&events, &r.request_id())["unmapped"]["reason"].clone();
-    assert_eq!(reason(&unknown), "unknown_instance");
+    assert_eq!(reason(&unknown), "not_yet_registered");
     assert_eq!(reason(&foreign), "tenant_mismatch");
 }
 
@@ -335,11 +337,69 @@ async fn bodies_are_checked_and_nothing_bad_is_stored() {
 }
 
 #[tokio::test]
-async fn a_post_for_an_unregistered_instance_is_404() {
+async fn a_guest_that_arrives_before_its_registration_is_told_to_retry() {
     let daemon = Daemon::start();
-    let reply = daemon.client().post_password(&new_instance(), A, "x").await;
-    assert_eq!(reply.status, 404);
-    assert_eq!(reply.error_message(), "Instance not found.");
+    let client = daemon.client();
+    let id = new_instance();
+    // GET: no password yet (an empty 200, as for a registered instance without one); POST: 503
+    // with Retry-After (the Neutron proxy passes 503 through, cloudbase-init retries), the body
+    // unread and the connection closed.
+    let read = client.get_password(&id, A).await;
+    assert_eq!((read.status, read.body.len()), (200, 0));
+    let post = client.post_password(&id, A, "x").await;
+    assert_eq!(post.status, 503);
+    assert_eq!(post.header("retry-after"), Some("2"));
+    assert_eq!(post.header("connection"), Some("close"));
+    assert!(post.error_message().contains("not registered yet"));
+    let events = daemon.audit_events();
+    for reply in [&read, &post] {
+        let event = event_for(&events, &reply.request_id());
+        assert_eq!(event["unmapped"]["reason"], "not_yet_registered");
+        assert_eq!(event["status_code"], reply.status.to_string());
+    }
+    // Neither created state: the registration that follows is a creation, and the retried post
+    // then succeeds.
+    client.register(&id, A).await;
+    assert_eq!(client.post_password(&id, A, "x").await.status, 200);
+    assert_eq!(client.get_password(&id, A).await.text(), "x");
+}
+
+#[tokio::test]
+async fn every_path_form_nova_routes_to_its_password_handler_reaches_metapass() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let id = registered(&client).await;
+    assert_eq!(client.post_password(&id, A, "pw").await.status, 200);
+    let sig = sign(&id);
+    let headers = proxy_headers(&id, A, &sig);
+    for path in [
+        "/openstack/latest/password/",
+        "/openstack/latest//password",
+        "/openstack//latest/password",
+        "///openstack/latest/password",
+        "/openstack/./latest/password",
+        "/openstack/2013-04-04/x/../password",
+        "/x/../openstack/latest/password",
+        "/openstack/latest/%70assword",
+        "/%6fpenstack/latest/password",
+    ] {
+        let reply = client.get(path, &headers).await;
+        assert_eq!(
+            (reply.status, reply.text()),
+            (200, "pw".to_owned()),
+            "{path}"
+        );
+        // And a second post through that spelling is still refused: set-once holds.
+        let again = client.send(Method::POST, path, &headers, "other").await;
+        assert_eq!(again.status, 409, "{path}");
+    }
+    // The audit event keeps the path exactly as it was sent.
+    let reply = client.get("/openstack/latest//password", &headers).await;
+    let events = daemon.audit_events();
+    assert_eq!(
+        event_for(&events, &reply.request_id())["http_request"]["url"]["path"],
+        "/openstack/latest//password"
+    );
 }
 
 #[tokio::test]

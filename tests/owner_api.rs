@@ -33,7 +33,8 @@ async fn version_documents_for_discovery() {
         let v = &reply.json()["version"];
         assert_eq!(v["id"], "v2.1");
         assert_eq!(v["status"], "CURRENT");
-        assert_eq!(v["version"], "2.1");
+        // The range served: 2.1 to Nova's current maximum.
+        assert_eq!(v["version"], "2.104");
         assert_eq!(v["min_version"], "2.1");
         assert_eq!(v["links"][0]["rel"], "self");
         assert_eq!(v["links"][0]["href"], "https://127.0.0.1/v2.1/");
@@ -208,7 +209,10 @@ async fn microversions_and_methods() {
         ("openstack-api-version", "compute 2.1", 200),
         ("openstack-api-version", "compute latest", 200),
         ("x-openstack-nova-api-version", "2.1", 200),
-        ("openstack-api-version", "compute 2.96", 406),
+        ("openstack-api-version", "compute 2.96", 200),
+        ("x-openstack-nova-api-version", "2.104", 200),
+        ("openstack-api-version", "compute 2.105", 406),
+        ("openstack-api-version", "compute 3.0", 406),
         ("openstack-api-version", "compute banana", 400),
     ] {
         let reply = client
@@ -363,4 +367,184 @@ async fn policy_matrix() {
             assert_eq!(event["resources"][0]["owner"]["account"]["uid"], project);
         }
     }
+}
+
+#[tokio::test]
+async fn microversions_are_echoed_with_vary_and_request_ids_as_nova_sends_them() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let id = instance_with_password(&client, "project-a", "pw").await;
+    let path = password_path(&id);
+    for (header, value, served) in [
+        ("openstack-api-version", "compute 2.96", "2.96"),
+        ("openstack-api-version", "compute latest", "2.104"),
+        ("x-openstack-nova-api-version", "2.53", "2.53"),
+        ("user-agent", "no version header", "2.1"),
+    ] {
+        let reply = client
+            .get(&path, &[("x-auth-token", TOKEN_A), (header, value)])
+            .await;
+        assert_eq!(reply.status, 200, "{value}");
+        let compute = format!("compute {served}");
+        assert_eq!(
+            reply.header("openstack-api-version"),
+            Some(compute.as_str())
+        );
+        assert_eq!(reply.header("x-openstack-nova-api-version"), Some(served));
+        assert_eq!(
+            reply.header("vary"),
+            Some("OpenStack-API-Version, X-OpenStack-Nova-API-Version")
+        );
+        let rid = reply.request_id();
+        assert!(rid.starts_with("req-"), "{rid}");
+        assert_eq!(reply.header("x-openstack-request-id"), Some(rid.as_str()));
+        assert_eq!(reply.header("x-compute-request-id"), Some(rid.as_str()));
+    }
+    // Refusals carry the request ids too; a malformed version gets no version headers.
+    let refused = client
+        .get(
+            &path,
+            &[
+                ("x-auth-token", TOKEN_A),
+                ("openstack-api-version", "compute 2.x"),
+            ],
+        )
+        .await;
+    assert_eq!(refused.status, 400);
+    assert!(
+        refused.error_message().contains("invalid format"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(refused.header("openstack-api-version"), None);
+    assert_eq!(
+        refused.header("x-compute-request-id"),
+        Some(refused.request_id().as_str())
+    );
+    let too_new = client
+        .get(
+            &path,
+            &[
+                ("x-auth-token", TOKEN_A),
+                ("openstack-api-version", "compute 2.200"),
+            ],
+        )
+        .await;
+    assert_eq!(too_new.status, 406);
+    assert_eq!(
+        too_new.error_message(),
+        "Version 2.200 is not supported by the API. Minimum is 2.1 and maximum is 2.104."
+    );
+}
+
+#[tokio::test]
+async fn the_legacy_project_path_and_a_configured_prefix_serve_the_same_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), |text| {
+        format!("{text}\n[compute_api]\npath_prefix = \"/compute\"\nmax_microversion = \"2.96\"\n")
+    });
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    let id = instance_with_password(&client, "project-a", "pw").await;
+    let token = [("x-auth-token", TOKEN_A)];
+    for path in [
+        format!("/v2.1/servers/{id}/os-server-password"),
+        format!("/v2.1/project-a/servers/{id}/os-server-password"),
+        format!("/compute/v2.1/servers/{id}/os-server-password"),
+        format!("/compute/v2.1/project-a/servers/{id}/os-server-password"),
+    ] {
+        let reply = client.get(&path, &token).await;
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.json()["password"], "pw", "{path}");
+    }
+    // Another project in the URL is the same 404 as a missing instance, even for the admin.
+    let missing = client.get(&password_path(&new_instance()), &token).await;
+    for (path, token) in [
+        (
+            format!("/v2.1/project-b/servers/{id}/os-server-password"),
+            TOKEN_A,
+        ),
+        (
+            format!("/compute/v2.1/admin/servers/{id}/os-server-password"),
+            TOKEN_A,
+        ),
+        (
+            format!("/v2.1/project-b/servers/{id}/os-server-password"),
+            ADMIN_TOKEN,
+        ),
+    ] {
+        let reply = client.get(&path, &[("x-auth-token", token)]).await;
+        assert_eq!(reply.status, 404, "{path}");
+        assert_eq!(
+            reply.error_message().replace(&id, "ID"),
+            missing.error_message().replace(&missing_id(&missing), "ID")
+        );
+    }
+    // The prefix's version document advertises the configured maximum and links under it.
+    let doc = client.get("/compute/v2.1/", &[]).await.json();
+    assert_eq!(doc["version"]["version"], "2.96");
+    assert_eq!(
+        doc["version"]["links"][0]["href"],
+        "https://127.0.0.1/compute/v2.1/"
+    );
+    let latest = client
+        .get(
+            &format!("/compute/v2.1/servers/{id}/os-server-password"),
+            &[
+                ("x-auth-token", TOKEN_A),
+                ("openstack-api-version", "compute latest"),
+            ],
+        )
+        .await;
+    assert_eq!(latest.header("x-openstack-nova-api-version"), Some("2.96"));
+    let events = daemon.audit_events();
+    let mismatch = client
+        .get(
+            &format!("/v2.1/project-b/servers/{id}/os-server-password"),
+            &token,
+        )
+        .await;
+    let events_after = daemon.audit_events();
+    assert!(events_after.len() > events.len());
+    assert_eq!(
+        event_for(&events_after, &mismatch.request_id())["unmapped"]["reason"],
+        "not_owner"
+    );
+}
+
+/// The instance id a 404 message names ("Instance <id> could not be found.").
+fn missing_id(reply: &Reply) -> String {
+    reply
+        .error_message()
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn keystones_manager_role_reads_and_clears_as_novas_defaults_give_it() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let id = instance_with_password(&client, "project-a", "pw").await;
+    let reply = client
+        .get(&password_path(&id), &[("x-auth-token", MANAGER_A)])
+        .await;
+    assert_eq!(reply.json()["password"], "pw");
+    let cleared = client
+        .send(
+            Method::DELETE,
+            &password_path(&id),
+            &[("x-auth-token", MANAGER_A)],
+            "",
+        )
+        .await;
+    assert_eq!(cleared.status, 204);
+    let events = daemon.audit_events();
+    let event = event_for(&events, &cleared.request_id());
+    assert_eq!(event["unmapped"]["roles"], serde_json::json!(["manager"]));
+    assert_eq!(
+        event["unmapped"]["policy_rule"],
+        "password:clear: role:member project:owner"
+    );
 }

@@ -75,7 +75,7 @@ pub async fn handle<B: super::RequestBody>(
     ex.facts.operation = action.as_str();
     ex.facts.activity = activity;
     ex.facts.target_instance = Some(bounded(id_text));
-    let token = authenticate_token(app, ex, &parts.headers)?;
+    let token = authenticate_token(app, ex, &parts.headers).await?;
     let id = InstanceId::parse(id_text)
         .map_err(|e| ApiError::bad_request(Reason::BadRequest, e.to_string()))?;
 

@@ -6,9 +6,12 @@
 //! - `GET /v2.1/servers/{id}/os-server-password`: `{"password": "<blob or empty>"}`;
 //! - `DELETE /v2.1/servers/{id}/os-server-password`: 204, the guest may post again.
 //!
-//! Only microversion 2.1 exists here (the password API never changed); a request for another one is
-//! answered 406 as Nova does. Another project's instance answers exactly like a missing one: the
-//! same 404 body, after the same single store read, with no decryption on either path.
+//! Each also under the legacy `/v2.1/{project_id}/servers/...` form (the URL's project must be
+//! the caller's: any other is the same 404 as a missing instance) and under the configured
+//! `path_prefix`. Microversions from 2.1 to the configured maximum (and `latest`) are accepted and
+//! echoed as Nova does (see [`crate::microversion`]); the password API is the same in all of them.
+//! Another project's instance answers exactly like a missing one: the same 404 body, after the
+//! same single store read, with no decryption on either path.
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -19,13 +22,13 @@ use super::respond::{self, ApiError, Body};
 use super::{App, Exchange, authenticate_token, store_failure};
 use crate::audit::event::bounded;
 use crate::audit::{Activity, Facts, Reason, Surface};
+use crate::config::ComputeApi;
 use crate::crypto::RecordBinding;
+use crate::identity::TokenCaller;
 use crate::ids::InstanceId;
+use crate::microversion::{self, Microversion, VersionError};
 use crate::policy::{Action, Principal, Target};
 use crate::store::{ClearOutcome, PASSWORD_FIELD, Store, chunks};
-
-/// The one compute microversion served.
-pub const MICROVERSION: &str = "2.1";
 
 /// A route of the compute API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,108 +37,108 @@ pub enum ComputeRoute<'a> {
     Versions,
     /// `/v2.1` or `/v2.1/`: the v2.1 version document.
     Version,
-    /// `/v2.1/servers/{id}`.
-    Server(&'a str),
-    /// `/v2.1/servers/{id}/os-server-password`.
-    Password(&'a str),
+    /// `/v2.1[/{project}]/servers/{id}`.
+    Server(Option<&'a str>, &'a str),
+    /// `/v2.1[/{project}]/servers/{id}/os-server-password`.
+    Password(Option<&'a str>, &'a str),
     /// Anything else.
     NotFound,
 }
 
+/// `path` without the configured prefix (which must be followed by `/` or end the path); the
+/// API is served with and without it.
+fn unprefixed<'a>(api: &ComputeApi, path: &'a str) -> &'a str {
+    if api.path_prefix.is_empty() {
+        return path;
+    }
+    match path.strip_prefix(api.path_prefix.as_str()) {
+        Some("") => "/",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    }
+}
+
+/// `servers/{id}` or `servers/{id}/os-server-password`.
+fn server_route<'a>(project: Option<&'a str>, rest: &'a str) -> ComputeRoute<'a> {
+    let Some(rest) = rest.strip_prefix("servers/") else {
+        return ComputeRoute::NotFound;
+    };
+    match rest.split_once('/') {
+        None if !rest.is_empty() => ComputeRoute::Server(project, rest),
+        Some((id, "os-server-password")) if !id.is_empty() => ComputeRoute::Password(project, id),
+        _ => ComputeRoute::NotFound,
+    }
+}
+
 /// Routes a path exactly (no decoding, no normalisation).
-pub fn route(path: &str) -> ComputeRoute<'_> {
+pub fn route<'a>(api: &ComputeApi, path: &'a str) -> ComputeRoute<'a> {
+    let path = unprefixed(api, path);
     match path {
         "/" => return ComputeRoute::Versions,
         "/v2.1" | "/v2.1/" => return ComputeRoute::Version,
         _ => {}
     }
-    let Some(rest) = path.strip_prefix("/v2.1/servers/") else {
+    let Some(rest) = path.strip_prefix("/v2.1/") else {
         return ComputeRoute::NotFound;
     };
-    match rest.split_once('/') {
-        None if !rest.is_empty() => ComputeRoute::Server(rest),
-        Some((id, "os-server-password")) if !id.is_empty() => ComputeRoute::Password(id),
-        _ => ComputeRoute::NotFound,
+    match server_route(None, rest) {
+        ComputeRoute::NotFound => match rest.split_once('/') {
+            Some((project, rest)) if !project.is_empty() => server_route(Some(project), rest),
+            _ => ComputeRoute::NotFound,
+        },
+        found => found,
     }
 }
 
 /// Whether `path` belongs to the compute API.
-pub fn owns(path: &str) -> bool {
+pub fn owns(api: &ComputeApi, path: &str) -> bool {
+    let path = unprefixed(api, path);
     path == "/" || path == "/v2.1" || path.starts_with("/v2.1/")
 }
 
-/// Checks the requested microversion (`OpenStack-API-Version: compute X` or the legacy
-/// `X-OpenStack-Nova-API-Version: X`): absent, `latest` and `2.1` are served; a well-formed other
-/// version is 406; anything else is 400.
-pub fn check_microversion(headers: &HeaderMap) -> Result<(), ApiError> {
-    let mut requested = Vec::new();
-    for value in headers.get_all("openstack-api-version") {
-        let text = value.to_str().unwrap_or("");
-        for part in text.split(',') {
-            let mut words = part.split_whitespace();
-            if let (Some(service), Some(version), None) = (words.next(), words.next(), words.next())
-            {
-                if service.eq_ignore_ascii_case("compute") {
-                    requested.push(version.to_owned());
-                }
-            } else if !part.trim().is_empty() {
-                return Err(bad_version());
-            }
-        }
-    }
-    for value in headers.get_all("x-openstack-nova-api-version") {
-        requested.push(value.to_str().map_err(|_| bad_version())?.trim().to_owned());
-    }
-    for version in requested {
-        if version.eq_ignore_ascii_case("latest") || version == MICROVERSION {
-            continue;
-        }
-        let well_formed = version.split_once('.').is_some_and(|(major, minor)| {
-            !major.is_empty()
-                && !minor.is_empty()
-                && major.len() <= 3
-                && minor.len() <= 3
-                && major.bytes().all(|b| b.is_ascii_digit())
-                && minor.bytes().all(|b| b.is_ascii_digit())
-        });
-        if !well_formed {
-            return Err(bad_version());
-        }
-        return Err(ApiError::new(
-            StatusCode::NOT_ACCEPTABLE,
-            Reason::BadRequest,
-            format!(
-                "Version {} is not supported by the API. Minimum is {MICROVERSION} and maximum is {MICROVERSION}.",
-                bounded(&version)
-            ),
-        ));
-    }
-    Ok(())
+/// The microversion a request is served at, or the refusal Nova would give: 400 for a malformed
+/// version, 406 for one outside 2.1 to the configured maximum.
+pub fn negotiate_microversion(
+    api: &ComputeApi,
+    headers: &HeaderMap,
+) -> Result<Microversion, ApiError> {
+    microversion::negotiate(headers, api.max_microversion).map_err(|e| {
+        let status = match e {
+            VersionError::Malformed(_) => StatusCode::BAD_REQUEST,
+            VersionError::Unsupported { .. } => StatusCode::NOT_ACCEPTABLE,
+        };
+        ApiError::new(status, Reason::InvalidHeader, e.to_string())
+    })
 }
 
-fn bad_version() -> ApiError {
-    ApiError::bad_request(
-        Reason::InvalidHeader,
-        "OpenStack-API-Version must be 'compute <major>.<minor>' (only 2.1 is served).",
-    )
-}
-
-/// Adds the microversion headers every compute answer carries.
-fn with_version_headers(mut response: Response<Body>) -> Response<Body> {
+/// Adds the headers every compute answer carries, as Nova sends them: the version served, `Vary`
+/// on the version headers, and the request id under Nova's two names.
+///
+/// `version` is `None` when the request was refused before its version was known (no token, a
+/// malformed version): Nova sends no version headers then either.
+pub fn with_compute_headers(
+    response: &mut Response<Body>,
+    version: Option<Microversion>,
+    request_id: &str,
+) {
     let h = response.headers_mut();
-    h.insert(
-        "openstack-api-version",
-        HeaderValue::from_static("compute 2.1"),
-    );
-    h.insert(
-        "x-openstack-nova-api-version",
-        HeaderValue::from_static("2.1"),
-    );
-    h.insert(
-        header::VARY,
-        HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
-    );
-    response
+    if let Some(version) = version {
+        let served = version.to_string();
+        if let Ok(v) = HeaderValue::from_str(&format!("compute {served}")) {
+            h.insert("openstack-api-version", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&served) {
+            h.insert("x-openstack-nova-api-version", v);
+        }
+        h.insert(
+            header::VARY,
+            HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
+        );
+    }
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        h.insert("x-openstack-request-id", id.clone());
+        h.insert("x-compute-request-id", id);
+    }
 }
 
 /// `https://<host>` for links, from the request's authority or `Host` header; `localhost` if
@@ -151,14 +154,14 @@ fn base_url(uri: &http::Uri, headers: &HeaderMap) -> String {
     format!("https://{}", authority.as_deref().unwrap_or("localhost"))
 }
 
-fn version_document(base: &str) -> serde_json::Value {
+fn version_document(base: &str, api: &ComputeApi) -> serde_json::Value {
     json!({
         "id": "v2.1",
         "status": "CURRENT",
-        "version": MICROVERSION,
-        "min_version": MICROVERSION,
+        "version": api.max_microversion.to_string(),
+        "min_version": microversion::MIN.to_string(),
         "updated": "2013-07-23T11:33:21Z",
-        "links": [{"rel": "self", "href": format!("{base}/v2.1/")}],
+        "links": [{"rel": "self", "href": format!("{base}{}/v2.1/", api.path_prefix)}],
         "media-types": [{
             "base": "application/json",
             "type": "application/vnd.openstack.compute+json;version=2.1"
@@ -186,54 +189,50 @@ pub async fn handle<B: super::RequestBody>(
 ) -> Result<Response<Body>, ApiError> {
     ex.facts.surface = Surface::Compute;
     let (parts, _body) = req.into_parts();
-    let route = route(parts.uri.path());
-    let response = match route {
+    let api = &app.compute_api;
+    let route = route(api, parts.uri.path());
+    match route {
         ComputeRoute::Versions | ComputeRoute::Version => {
             ex.facts.operation = "compute:versions";
             ex.facts.activity = Activity::Read;
             only_get(&parts.method)?;
+            ex.microversion = Some(negotiate_microversion(api, &parts.headers)?);
             let base = base_url(&parts.uri, &parts.headers);
             let document = if route == ComputeRoute::Version {
-                json!({ "version": version_document(&base) })
+                json!({ "version": version_document(&base, api) })
             } else {
-                json!({ "versions": [version_document(&base)] })
+                json!({ "versions": [version_document(&base, api)] })
             };
-            respond::json(StatusCode::OK, &document)
+            Ok(respond::json(StatusCode::OK, &document))
         }
-        ComputeRoute::Server(id) => {
+        ComputeRoute::Server(project, id) => {
             ex.facts.operation = Action::InstanceShow.as_str();
             ex.facts.activity = Activity::Read;
             only_get(&parts.method)?;
-            show_server(
-                app,
-                ex,
-                &parts.headers,
-                id,
-                &base_url(&parts.uri, &parts.headers),
-            )
-            .await?
+            let base = base_url(&parts.uri, &parts.headers);
+            let caller = begin(app, ex, &parts.headers, project, id).await?;
+            show_server(app, ex, caller, &base).await
         }
-        ComputeRoute::Password(id) => match parts.method {
+        ComputeRoute::Password(project, id) => match parts.method {
             Method::GET => {
                 ex.facts.operation = Action::PasswordGet.as_str();
                 ex.facts.activity = Activity::Read;
-                get_password(app, ex, &parts.headers, id).await?
+                let caller = begin(app, ex, &parts.headers, project, id).await?;
+                get_password(app, ex, caller).await
             }
             Method::DELETE => {
                 ex.facts.operation = Action::PasswordClear.as_str();
                 ex.facts.activity = Activity::Delete;
-                clear_password(app, ex, &parts.headers, id).await?
+                let caller = begin(app, ex, &parts.headers, project, id).await?;
+                clear_password(app, ex, caller).await
             }
             _ => {
                 ex.facts.operation = "password:other";
-                return Err(method_not_allowed("GET, DELETE"));
+                Err(method_not_allowed("GET, DELETE"))
             }
         },
-        ComputeRoute::NotFound => {
-            return Err(ApiError::not_found(Reason::NotFound, "No such resource."));
-        }
-    };
-    Ok(with_version_headers(response))
+        ComputeRoute::NotFound => Err(ApiError::not_found(Reason::NotFound, "No such resource.")),
+    }
 }
 
 /// 405 with `Allow`.
@@ -255,33 +254,46 @@ fn only_get(method: &Method) -> Result<(), ApiError> {
     }
 }
 
-/// Authenticates the token, checks the microversion, parses the id (a malformed id is the same 404
-/// as a missing instance) and records the target.
-fn begin<'a>(
-    app: &'a App,
+/// An authenticated request for one instance.
+struct Owned {
+    token: TokenCaller,
+    instance: InstanceId,
+}
+
+/// Authenticates the token, checks the microversion and the URL's project (legacy form), parses
+/// the id (a malformed id, like another project in the URL, is the same 404 as a missing
+/// instance) and records the target.
+async fn begin(
+    app: &App,
     ex: &mut Exchange,
     headers: &HeaderMap,
+    url_project: Option<&str>,
     id: &str,
-) -> Result<(&'a crate::identity::TokenEntry, InstanceId), ApiError> {
+) -> Result<Owned, ApiError> {
     ex.facts.target_instance = Some(bounded(id));
-    let token = authenticate_token(app, ex, headers)?;
-    check_microversion(headers)?;
+    let token = authenticate_token(app, ex, headers).await?;
+    ex.microversion = Some(negotiate_microversion(&app.compute_api, headers)?);
+    if url_project.is_some_and(|p| p != token.project.as_str()) {
+        let mut refusal = not_found(id);
+        refusal.reason = Reason::NotOwner;
+        return Err(refusal);
+    }
     let instance = InstanceId::parse(id).map_err(|_| not_found(id))?;
-    Ok((token, instance))
+    Ok(Owned { token, instance })
 }
 
 fn authorize(
     app: &App,
     ex: &mut Exchange,
-    token: &crate::identity::TokenEntry,
+    owned: &Owned,
     action: Action,
-    id: &InstanceId,
     project: Option<&str>,
 ) -> Result<(), ApiError> {
+    let id = &owned.instance;
     ex.facts.target_project = project.map(str::to_owned);
     let principal = Principal::Token {
-        project: token.project.as_str(),
-        roles: &token.roles,
+        project: owned.token.project.as_str(),
+        roles: &owned.token.roles,
     };
     let target = Target {
         instance_id: id.as_str(),
@@ -298,25 +310,24 @@ fn authorize(
 async fn show_server(
     app: &App,
     ex: &mut Exchange,
-    headers: &HeaderMap,
-    id: &str,
+    owned: Owned,
     base: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (token, id) = begin(app, ex, headers, id)?;
     let record = app
         .store
-        .instance(&id)
+        .instance(&owned.instance)
         .await
         .map_err(|e| store_failure(&e))?;
     authorize(
         app,
         ex,
-        token,
+        &owned,
         Action::InstanceShow,
-        &id,
         record.as_ref().map(|r| r.project_id.as_str()),
     )?;
     let project = record.map(|r| r.project_id).unwrap_or_default();
+    let id = owned.instance;
+    let prefix = &app.compute_api.path_prefix;
     // metapass knows an instance's id and project, not its power state: status UNKNOWN.
     Ok(respond::json(
         StatusCode::OK,
@@ -327,8 +338,8 @@ async fn show_server(
             "tenant_id": project,
             "metadata": {},
             "links": [
-                {"rel": "self", "href": format!("{base}/v2.1/servers/{id}")},
-                {"rel": "bookmark", "href": format!("{base}/servers/{id}")}
+                {"rel": "self", "href": format!("{base}{prefix}/v2.1/servers/{id}")},
+                {"rel": "bookmark", "href": format!("{base}{prefix}/servers/{id}")}
             ]
         }}),
     ))
@@ -337,17 +348,16 @@ async fn show_server(
 async fn get_password(
     app: &App,
     ex: &mut Exchange,
-    headers: &HeaderMap,
-    id: &str,
+    owned: Owned,
 ) -> Result<Response<Body>, ApiError> {
-    let (token, id) = begin(app, ex, headers, id)?;
     let record = app
         .store
-        .password(&id)
+        .password(&owned.instance)
         .await
         .map_err(|e| store_failure(&e))?;
     let project = record.as_ref().map(|r| r.instance.project_id.as_str());
-    authorize(app, ex, token, Action::PasswordGet, &id, project)?;
+    authorize(app, ex, &owned, Action::PasswordGet, project)?;
+    let id = &owned.instance;
     let record = record.ok_or_else(|| not_found(id.as_str()))?;
     let version = record.instance.password_version;
     ex.facts.record_version = Some(version);
@@ -392,25 +402,22 @@ fn answer_clear(outcome: &ClearOutcome, _: &mut Facts) -> Result<StatusCode, Api
 async fn clear_password(
     app: &App,
     ex: &mut Exchange,
-    headers: &HeaderMap,
-    id: &str,
+    owned: Owned,
 ) -> Result<Response<Body>, ApiError> {
-    let (token, id) = begin(app, ex, headers, id)?;
     let record = app
         .store
-        .instance(&id)
+        .instance(&owned.instance)
         .await
         .map_err(|e| store_failure(&e))?;
     authorize(
         app,
         ex,
-        token,
+        &owned,
         Action::PasswordClear,
-        &id,
         record.as_ref().map(|r| r.project_id.as_str()),
     )?;
     let (gate, invoked) = ex.gate(app, answer_clear);
-    let result = app.store.clear_password(&id, gate).await;
+    let result = app.store.clear_password(&owned.instance, gate).await;
     ex.settle_gate(&invoked, &result);
     let outcome = result.map_err(|e| store_failure(&e))?;
     Ok(respond::empty(answer_clear(&outcome, &mut ex.facts)?))
@@ -423,14 +430,30 @@ mod tests {
     #[test]
     fn routes() {
         use ComputeRoute::*;
+        let api = ComputeApi::default();
         let id = "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90";
-        assert_eq!(route("/"), Versions);
-        assert_eq!(route("/v2.1"), Version);
-        assert_eq!(route("/v2.1/"), Version);
-        assert_eq!(route(&format!("/v2.1/servers/{id}")), Server(id));
+        assert_eq!(route(&api, "/"), Versions);
+        assert_eq!(route(&api, "/v2.1"), Version);
+        assert_eq!(route(&api, "/v2.1/"), Version);
         assert_eq!(
-            route(&format!("/v2.1/servers/{id}/os-server-password")),
-            Password(id)
+            route(&api, &format!("/v2.1/servers/{id}")),
+            Server(None, id)
+        );
+        assert_eq!(
+            route(&api, &format!("/v2.1/servers/{id}/os-server-password")),
+            Password(None, id)
+        );
+        // The legacy form with the project in the URL.
+        assert_eq!(
+            route(
+                &api,
+                &format!("/v2.1/project-a/servers/{id}/os-server-password")
+            ),
+            Password(Some("project-a"), id)
+        );
+        assert_eq!(
+            route(&api, "/v2.1/project/servers/x"),
+            Server(Some("project"), "x")
         );
         for bad in [
             "/v2.1/servers/",
@@ -439,31 +462,69 @@ mod tests {
             "/v2.1/servers/x/os-server-password/",
             "/v2.1/servers/x/action",
             "/v2.0/servers/x",
-            "/v2.1/project/servers/x",
+            "/v2.1/project/servers/",
+            "/v2.1//servers/x",
+            "/v2.1/a/b/servers/x",
+            "/compute/v2.1/servers/x",
         ] {
-            assert_eq!(route(bad), NotFound, "{bad}");
+            assert_eq!(route(&api, bad), NotFound, "{bad}");
         }
     }
 
     #[test]
+    fn a_prefix_serves_the_api_below_it_too() {
+        use ComputeRoute::*;
+        let api = ComputeApi {
+            path_prefix: "/compute".into(),
+            ..ComputeApi::default()
+        };
+        assert_eq!(route(&api, "/compute"), Versions);
+        assert_eq!(route(&api, "/compute/v2.1/"), Version);
+        assert_eq!(
+            route(&api, "/compute/v2.1/p/servers/x/os-server-password"),
+            Password(Some("p"), "x")
+        );
+        assert_eq!(route(&api, "/v2.1/servers/x"), Server(None, "x"));
+        assert_eq!(route(&api, "/computex/v2.1/servers/x"), NotFound);
+        assert!(owns(&api, "/compute/v2.1/servers/x"));
+        assert!(!owns(&api, "/computex"));
+    }
+
+    #[test]
     fn microversions() {
+        let api = ComputeApi::default();
         let check = |pairs: &[(&'static str, &str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
                 h.append(*k, HeaderValue::from_str(v).unwrap());
             }
-            check_microversion(&h).map_err(|e| e.status.as_u16())
+            negotiate_microversion(&api, &h)
+                .map(|v| v.to_string())
+                .map_err(|e| e.status.as_u16())
         };
-        assert_eq!(check(&[]), Ok(()));
-        assert_eq!(check(&[("openstack-api-version", "compute 2.1")]), Ok(()));
+        assert_eq!(check(&[]).as_deref(), Ok("2.1"));
         assert_eq!(
-            check(&[("openstack-api-version", "compute latest")]),
-            Ok(())
+            check(&[("openstack-api-version", "compute 2.1")]).as_deref(),
+            Ok("2.1")
         );
-        assert_eq!(check(&[("openstack-api-version", "volume 3.5")]), Ok(()));
-        assert_eq!(check(&[("x-openstack-nova-api-version", "2.1")]), Ok(()));
         assert_eq!(
-            check(&[("openstack-api-version", "compute 2.90")]),
+            check(&[("openstack-api-version", "compute latest")]).as_deref(),
+            Ok("2.104")
+        );
+        assert_eq!(
+            check(&[("openstack-api-version", "volume 3.5")]).as_deref(),
+            Ok("2.1")
+        );
+        assert_eq!(
+            check(&[("x-openstack-nova-api-version", "2.96")]).as_deref(),
+            Ok("2.96")
+        );
+        assert_eq!(
+            check(&[("openstack-api-version", "compute 2.90")]).as_deref(),
+            Ok("2.90")
+        );
+        assert_eq!(
+            check(&[("openstack-api-version", "compute 2.105")]),
             Err(406)
         );
         assert_eq!(check(&[("x-openstack-nova-api-version", "3.0")]), Err(406));

@@ -326,7 +326,7 @@ pub async fn handle(
         )
         .with_allow(allow));
     }
-    let token = authenticate_token(app, ex, headers)?;
+    let token = authenticate_token(app, ex, headers).await?;
     let principal = Principal::Token {
         project: token.project.as_str(),
         roles: &token.roles,

@@ -83,6 +83,67 @@ pub fn route(path: &str) -> InstanceRoute {
     }
 }
 
+/// The path Nova's metadata handler looks up for the request path `raw`: percent-decoded (as
+/// the WSGI server decodes `PATH_INFO`), then `posixpath.normpath`'d (as
+/// `InstanceMetadata.lookup` does), so `/openstack/latest/password/`, `//`, `/./`, `..` and
+/// `%70assword` spellings reach the password handler in Nova, and must reach metapass's too.
+/// `None` for a path that does not decode to UTF-8 (Nova cannot route it either).
+pub fn nova_path(raw: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    Some(normpath(&decoded))
+}
+
+/// Python's `posixpath.normpath` for an absolute path: empty and `.` segments go, `..` removes
+/// the segment before it (never above the root), and exactly two leading slashes are kept (POSIX
+/// leaves their meaning to the implementation; Python keeps them, and Nova's lookup then
+/// reads the path as an EC2 one).
+fn normpath(path: &str) -> String {
+    let leading = if path.starts_with("//") && !path.starts_with("///") {
+        "//"
+    } else if path.starts_with('/') {
+        "/"
+    } else {
+        ""
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." if !leading.is_empty() => {
+                parts.pop();
+            }
+            ".." if parts.last().is_none_or(|p| *p == "..") => parts.push(".."),
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    let joined = format!("{leading}{}", parts.join("/"));
+    if joined.is_empty() {
+        ".".into()
+    } else {
+        joined
+    }
+}
+
+/// Routes a request path as Nova would: exactly when it is already canonical, else after
+/// [`nova_path`].
+pub fn route_as_nova(raw: &str) -> InstanceRoute {
+    match route(raw) {
+        InstanceRoute::NotFound => nova_path(raw).map_or(InstanceRoute::NotFound, |p| route(&p)),
+        found => found,
+    }
+}
+
+/// Whether Nova would look `raw` up in its `/openstack` tree.
+pub fn is_openstack_path(raw: &str) -> bool {
+    let under = |p: &str| p == "/openstack" || p.starts_with("/openstack/");
+    under(raw) || nova_path(raw).is_some_and(|p| under(&p))
+}
+
 /// Why a posted password is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PasswordBodyError {
@@ -119,7 +180,7 @@ pub async fn handle<B: super::RequestBody>(
 ) -> Result<Response<Body>, ApiError> {
     ex.facts.surface = Surface::Instance;
     let (parts, body) = req.into_parts();
-    match route(parts.uri.path()) {
+    match route_as_nova(parts.uri.path()) {
         InstanceRoute::Versions => {
             let mut listing: Vec<&str> = VERSIONS
                 .iter()
@@ -159,6 +220,17 @@ fn list(ex: &mut Exchange, method: &Method, body: String) -> Result<Response<Bod
         );
     }
     Ok(respond::text(body))
+}
+
+/// `Retry-After` for a post from an instance that is not registered yet: Nova's create
+/// notification usually follows within a second or two.
+pub const NOT_YET_REGISTERED_RETRY_SECS: u64 = 2;
+
+/// Records that a correctly identified instance is not in the registry (yet).
+fn not_yet_registered(ex: &mut Exchange) {
+    ex.facts.reason = Reason::NotYetRegistered;
+    ex.facts.detail =
+        Some("the instance is not registered (yet); nothing revealed or stored".into());
 }
 
 fn not_found() -> ApiError {
@@ -290,7 +362,12 @@ async fn get_password(
         .password(&id)
         .await
         .map_err(|e| store_failure(&e))?;
-    let record = record.ok_or_else(not_found)?;
+    let Some(record) = record else {
+        // Signed for an instance the registry does not know yet: there is no password to reveal,
+        // and cloudbase-init reads a 404 as an error, so the answer is "no password".
+        not_yet_registered(ex);
+        return Ok(respond::text(Bytes::new()));
+    };
     check_owner(
         app,
         ex,
@@ -362,7 +439,18 @@ async fn post_password<B: super::RequestBody>(
         .instance(&id)
         .await
         .map_err(|e| store_failure(&e))?;
-    let record = record.ok_or_else(not_found)?;
+    let Some(record) = record else {
+        // Signed for an instance the registry does not know yet: "try again shortly" (503 passes
+        // the Neutron proxy; cloudbase-init retries), without reading the body or storing anything.
+        not_yet_registered(ex);
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::NotYetRegistered,
+            "This instance is not registered yet; post the password again shortly.",
+        )
+        .with_retry_after(NOT_YET_REGISTERED_RETRY_SECS)
+        .closing());
+    };
     check_owner(
         app,
         ex,
@@ -482,6 +570,42 @@ mod tests {
         ] {
             assert_eq!(route(path), want, "{path}");
         }
+    }
+
+    #[test]
+    fn paths_are_normalised_as_nova_normalises_them() {
+        use InstanceRoute::*;
+        for (path, want) in [
+            ("/openstack/latest/password", Password),
+            ("/openstack/latest/password/", Password),
+            ("/openstack/latest//password", Password),
+            ("///openstack/latest/password", Password),
+            ("/openstack/./latest/./password/.", Password),
+            ("/openstack/2013-04-04/x/../password", Password),
+            ("/x/../openstack/latest/password", Password),
+            ("/../../openstack/latest/password", Password),
+            ("/openstack/latest/%70assword", Password),
+            ("/openstack/latest%2Fpassword", Password),
+            ("/openstack/%6Catest/password", Password),
+            ("/openstack/latest/", Version),
+            ("/openstack//", Versions),
+            // Exactly two leading slashes stay, and Nova then reads an EC2 path.
+            ("//openstack/latest/password", NotFound),
+            ("/openstack/latest/password/x", NotFound),
+            ("/openstack/latest/password/..", Version),
+            ("/openstack/2012-08-10/password/", NotFound),
+            ("/openstack/latest/Password", NotFound),
+            ("/openstack/latest/%ff", NotFound),
+            ("/openstack/latest/%2570assword", NotFound),
+        ] {
+            assert_eq!(route_as_nova(path), want, "{path}");
+        }
+        assert!(is_openstack_path("/x/../openstack/latest/password"));
+        assert!(is_openstack_path("/openstack/../admin/v1/instances/x"));
+        assert!(!is_openstack_path("/admin/v1/instances/x"));
+        assert!(!is_openstack_path("//openstack/latest/password"));
+        assert_eq!(normpath("/a/b/../../.."), "/");
+        assert_eq!(normpath("//a//b/"), "//a/b");
     }
 
     #[test]

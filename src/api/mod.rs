@@ -34,7 +34,10 @@ use crate::audit::{
     WriterConfig,
 };
 use crate::config::{Config, InstanceAuth, Limits, ListenerConfig};
-use crate::identity::{AUTH_TOKEN_HEADER, ClientCert, ProxySigner, Role, TokenEntry, TokenTable};
+use crate::identity::keystone::{Keystone, KeystoneError};
+use crate::identity::{
+    AUTH_TOKEN_HEADER, ClientCert, ProxySigner, TokenCaller, TokenEntry, TokenTable,
+};
 use crate::limits::{Limited, Limiters};
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RequestLabels, SurfaceLabels};
 use crate::policy::{Action, Policy, Principal, Refusal, Target};
@@ -72,6 +75,10 @@ pub struct App {
     pub signer: ProxySigner,
     /// Accepted tokens.
     pub tokens: TokenTable,
+    /// Validates Keystone tokens, when `[keystone]` is configured.
+    pub keystone: Option<Keystone>,
+    /// How the compute API is reached (microversions, path prefix).
+    pub compute_api: crate::config::ComputeApi,
     /// The access policy.
     pub policy: Policy,
     /// Request bounds.
@@ -114,6 +121,12 @@ impl App {
             auditor,
             signer: ProxySigner::new(&config.proxy_secret),
             tokens: config.tokens,
+            keystone: config
+                .keystone
+                .map(Keystone::new)
+                .transpose()
+                .map_err(|e| format!("[keystone]: {e}"))?,
+            compute_api: config.compute_api,
             policy: config.policy,
             limits: config.limits,
             metrics,
@@ -172,6 +185,8 @@ pub struct Exchange {
     /// framing an intermediary may have read differently).
     close_after: bool,
     gate_event: GateEvent,
+    /// The compute microversion the request is served at, once known (echoed in the answer).
+    pub microversion: Option<crate::microversion::Microversion>,
 }
 
 impl Exchange {
@@ -415,6 +430,7 @@ async fn handle<B: RequestBody>(
         deadline,
         close_after,
         gate_event: GateEvent::None,
+        microversion: None,
     };
     let routed = AssertUnwindSafe(route(&app, &mut ex, req))
         .catch_unwind()
@@ -475,15 +491,15 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
 }
 
 /// The surface a path belongs to, before routing (for the answer to a pre-authentication refusal).
-fn surface_of(path: &str) -> crate::audit::Surface {
+fn surface_of(app: &App, path: &str) -> crate::audit::Surface {
     use crate::audit::Surface;
-    if path == "/openstack" || path.starts_with("/openstack/") {
+    if metadata::is_openstack_path(path) {
         Surface::Instance
     } else if path.starts_with("/admin/") {
         Surface::Admin
     } else if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         Surface::Ops
-    } else if compute::owns(path) {
+    } else if compute::owns(&app.compute_api, path) {
         Surface::Compute
     } else {
         Surface::Unknown
@@ -496,7 +512,7 @@ async fn route<B: RequestBody>(
     req: Request<B>,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path();
-    ex.facts.surface = surface_of(path);
+    ex.facts.surface = surface_of(app, path);
     // Who the client is (behind trusted proxies) comes first: it is what the source limit counts.
     let source = crate::forwarded::resolve(&ex.conn.listener, ex.facts.peer.ip(), req.headers());
     let source = match source {
@@ -525,13 +541,13 @@ async fn route<B: RequestBody>(
     if let Some(problem) = ambiguous_framing(req.headers()) {
         return Err(ApiError::bad_request(Reason::MalformedRequest, problem).closing());
     }
-    if path == "/openstack" || path.starts_with("/openstack/") {
+    if ex.facts.surface == crate::audit::Surface::Instance {
         metadata::handle(app, ex, req).await
     } else if path.starts_with("/admin/") {
         admin::handle(app, ex, req).await
     } else if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         health::handle(app, ex, req).await
-    } else if compute::owns(path) {
+    } else if compute::owns(&app.compute_api, path) {
         compute::handle(app, ex, req).await
     } else {
         Err(ApiError::not_found(Reason::NotFound, "No such resource."))
@@ -556,6 +572,9 @@ async fn finish(app: &App, mut ex: Exchange, mut response: Response<Body>) -> Re
     }
     if let Ok(id) = HeaderValue::from_str(ex.facts.request_id.as_str()) {
         response.headers_mut().insert("x-request-id", id);
+    }
+    if ex.facts.surface == crate::audit::Surface::Compute {
+        compute::with_compute_headers(&mut response, ex.microversion, ex.facts.request_id.as_str());
     }
     if ex.close_after {
         response
@@ -651,13 +670,15 @@ pub async fn audit_unparsed_request(
     }
 }
 
-/// Authenticates an `X-Auth-Token` and records the caller. Missing, repeated or unknown tokens are
-/// 401 (a repeated header is ambiguous, so it proves nothing).
-pub fn authenticate_token<'a>(
-    app: &'a App,
+/// Authenticates an `X-Auth-Token` and records the caller: the token file first (compared in
+/// constant time), then Keystone when one is configured. Missing, repeated or unknown tokens are
+/// 401 (a repeated header is ambiguous, so it proves nothing); Keystone unable to answer for a
+/// token it has not vouched for recently is 503, and nothing is released.
+pub async fn authenticate_token(
+    app: &App,
     ex: &mut Exchange,
     headers: &HeaderMap,
-) -> Result<&'a TokenEntry, ApiError> {
+) -> Result<TokenCaller, ApiError> {
     let unauthenticated = |message: &'static str| {
         ApiError::new(StatusCode::UNAUTHORIZED, Reason::Unauthenticated, message)
     };
@@ -674,41 +695,94 @@ pub fn authenticate_token<'a>(
     };
     ex.facts.caller.credential_fingerprint = Some(app.auditor.keys().fingerprint(token.as_bytes()));
     let token = SecretString::from(String::from_utf8_lossy(token.as_bytes()).into_owned());
-    let Some(entry) = app.tokens.lookup(&token) else {
-        app.limiters.failed_auth(ex.facts.client);
-        return Err(unauthenticated("The token is not valid."));
-    };
-    if let Some(bound) = &entry.client_cert_sha256 {
-        use subtle::ConstantTimeEq;
-        let presented = ex
-            .conn
-            .client_cert
-            .as_ref()
-            .map(|c| c.sha256)
-            .unwrap_or([0; 32]);
-        if !bool::from(presented.ct_eq(bound)) {
-            app.limiters.failed_auth(ex.facts.client);
-            return Err(unauthenticated(
-                "This token is bound to a client certificate; present it.",
-            ));
+    let caller = match app.tokens.lookup(&token) {
+        Some(entry) => {
+            check_certificate_binding(ex, entry).inspect_err(|_| {
+                app.limiters.failed_auth(ex.facts.client);
+            })?;
+            TokenCaller::from_file(entry)
         }
-    }
-    let caller = &mut ex.facts.caller;
-    caller.kind = if entry.roles.contains(&Role::Admin) {
+        None => match &app.keystone {
+            Some(keystone) => {
+                ex.facts.caller.auth = AuthMethod::KeystoneToken;
+                match keystone.validate(&token, ex.deadline.into()).await {
+                    Ok(identity) => TokenCaller::from_keystone(&identity),
+                    Err(e) => return Err(keystone_refusal(app, ex, e)),
+                }
+            }
+            None => {
+                app.limiters.failed_auth(ex.facts.client);
+                return Err(unauthenticated("The token is not valid."));
+            }
+        },
+    };
+    let facts = &mut ex.facts.caller;
+    facts.kind = if caller.is_admin() {
         CallerKind::Admin
     } else {
         CallerKind::Owner
     };
-    caller.project_id = Some(entry.project.to_string());
-    caller.name = Some(entry.label.clone());
-    caller.roles = entry.roles.iter().map(|r| r.as_str()).collect();
-    let key = if entry.roles.contains(&Role::Admin) {
-        format!("admin:{}", entry.label)
+    facts.project_id = Some(caller.project.to_string());
+    facts.name = Some(caller.name.clone());
+    facts.user_id = caller.user_id.clone();
+    facts.roles = caller.role_names.clone();
+    let key = if caller.is_admin() {
+        format!(
+            "admin:{}",
+            caller.user_id.as_deref().unwrap_or(&caller.name)
+        )
     } else {
-        entry.project.to_string()
+        caller.project.to_string()
     };
     if let Err(limited) = app.limiters.project(&key) {
         return Err(rate_limited(app, ex, limited));
     }
-    Ok(entry)
+    Ok(caller)
+}
+
+/// A token-file entry bound to a client certificate is valid only on a connection presenting it.
+fn check_certificate_binding(ex: &Exchange, entry: &TokenEntry) -> Result<(), ApiError> {
+    let Some(bound) = &entry.client_cert_sha256 else {
+        return Ok(());
+    };
+    use subtle::ConstantTimeEq;
+    let presented = ex
+        .conn
+        .client_cert
+        .as_ref()
+        .map(|c| c.sha256)
+        .unwrap_or([0; 32]);
+    if bool::from(presented.ct_eq(bound)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            Reason::Unauthenticated,
+            "This token is bound to a client certificate; present it.",
+        ))
+    }
+}
+
+/// The answer when Keystone did not vouch for a token.
+fn keystone_refusal(app: &App, ex: &Exchange, error: KeystoneError) -> ApiError {
+    match error {
+        KeystoneError::Invalid(message) => {
+            app.limiters.failed_auth(ex.facts.client);
+            ApiError::new(StatusCode::UNAUTHORIZED, Reason::Unauthenticated, message)
+        }
+        KeystoneError::NotProjectScoped => ApiError::new(
+            StatusCode::FORBIDDEN,
+            Reason::Forbidden,
+            "The token is not scoped to a project.",
+        ),
+        KeystoneError::Unavailable(why) => {
+            tracing::warn!(request_id = %ex.facts.request_id, %why, "Keystone could not validate a token; failing closed");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::IdentityUnavailable,
+                "The identity service cannot validate the token right now; nothing was released.",
+            )
+            .with_retry_after(1)
+        }
+    }
 }

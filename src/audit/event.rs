@@ -103,6 +103,12 @@ pub enum Reason {
     Integrity,
     /// The store could not be reached or failed.
     StoreUnavailable,
+    /// Keystone could not validate a token (unreachable, failing, or refusing metapass's own
+    /// credentials); nothing was released.
+    IdentityUnavailable,
+    /// A correctly identified instance that the registry does not know yet (its create
+    /// notification is still on its way); nothing was revealed or stored.
+    NotYetRegistered,
     /// The audit log could not record the event; nothing was released or changed.
     AuditUnavailable,
     /// The store refused to commit after the event was recorded; this event corrects that one.
@@ -135,9 +141,12 @@ impl Reason {
             | ProxyCertificateRequired => Outcome::Denied,
             BadRequest | MalformedRequest | HeadTooLarge | MissingHeader | DuplicateHeader
             | InvalidHeader | NotFound | UnknownInstance | MethodNotAllowed | BodyTooLarge
-            | BodyInvalid | BodyEmpty | BodyTimeout | Conflict => Outcome::Failure,
+            | BodyInvalid | BodyEmpty | BodyTimeout | Conflict | NotYetRegistered => {
+                Outcome::Failure
+            }
             Integrity
             | StoreUnavailable
+            | IdentityUnavailable
             | AuditUnavailable
             | CommitFailed
             | NotReady
@@ -212,8 +221,10 @@ pub enum AuthMethod {
     ProxySignature,
     /// A client certificate.
     ClientCertificate,
-    /// An `X-Auth-Token`.
+    /// An `X-Auth-Token` from the token file.
     Token,
+    /// An `X-Auth-Token` that Keystone validated.
+    KeystoneToken,
 }
 
 /// The caller facts of an event.
@@ -227,12 +238,14 @@ pub struct Caller {
     pub instance_id: Option<String>,
     /// The caller's project.
     pub project_id: Option<String>,
-    /// The token's label from the token file (never the token).
+    /// The token's label from the token file, or the Keystone user's name (never the token).
     pub name: Option<String>,
+    /// The Keystone user's id.
+    pub user_id: Option<String>,
     /// A keyed fingerprint of the credential (token), `hmac-sha256:<hex>`.
     pub credential_fingerprint: Option<String>,
-    /// The caller's roles.
-    pub roles: Vec<&'static str>,
+    /// The caller's roles (a Keystone token's role names, implied roles included).
+    pub roles: Vec<std::borrow::Cow<'static, str>>,
     /// An unverified claimed identity (e.g. the instance id of a request with a bad signature).
     pub claimed_instance: Option<String>,
     /// An unverified claimed tenant.
@@ -248,6 +261,7 @@ impl Caller {
             instance_id: None,
             project_id: None,
             name: None,
+            user_id: None,
             credential_fingerprint: None,
             roles: Vec::new(),
             claimed_instance: None,
@@ -581,8 +595,8 @@ struct Unmapped<'a> {
     surface: Surface,
     caller_kind: CallerKind,
     auth: AuthMethod,
-    #[serde(skip_serializing_if = "<[&str]>::is_empty")]
-    roles: &'a [&'static str],
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    roles: &'a [std::borrow::Cow<'static, str>],
     #[serde(skip_serializing_if = "Option::is_none")]
     policy_rule: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -668,6 +682,7 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
     let uid = caller
         .instance_id
         .as_deref()
+        .or(caller.user_id.as_deref())
         .or(caller.credential_fingerprint.as_deref());
     let time_ms = facts.received_at.unix_timestamp_nanos() / 1_000_000;
     let time_dt = facts
@@ -857,6 +872,8 @@ pub fn reason_str(reason: Reason) -> &'static str {
         RateLimited => "rate_limited",
         Integrity => "integrity",
         StoreUnavailable => "store_unavailable",
+        IdentityUnavailable => "identity_unavailable",
+        NotYetRegistered => "not_yet_registered",
         AuditUnavailable => "audit_unavailable",
         CommitFailed => "commit_failed",
         NotReady => "not_ready",
@@ -897,6 +914,8 @@ mod tests {
             ProxyCertificateRequired,
             Integrity,
             StoreUnavailable,
+            IdentityUnavailable,
+            NotYetRegistered,
             AuditUnavailable,
             CommitFailed,
             NotReady,

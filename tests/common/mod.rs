@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod keystone;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +44,8 @@ pub const TOKEN_A: &str = "dev-token-project-a";
 pub const READER_A: &str = "dev-token-reader-a";
 /// project-b reader+member.
 pub const TOKEN_B: &str = "dev-token-project-b";
+/// project-a manager (Keystone's role, which implies member and reader).
+pub const MANAGER_A: &str = "dev-token-manager-a";
 
 /// A fresh random instance id.
 pub fn new_instance() -> String {

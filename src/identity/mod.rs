@@ -12,6 +12,8 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::ids::ProjectId;
 
+pub mod keystone;
+
 /// `X-Instance-ID`: the instance the proxy speaks for.
 pub const INSTANCE_ID_HEADER: &str = "x-instance-id";
 /// `X-Tenant-ID`: the project the proxy says owns the instance.
@@ -203,7 +205,9 @@ impl ClientCert {
     }
 }
 
-/// A role a token grants.
+/// A role a token grants: Keystone's default roles, in the order of their implications
+/// (`admin` implies `manager` implies `member` implies `reader`, as `keystone-manage bootstrap`
+/// creates them), so a role holds every role below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
@@ -211,18 +215,103 @@ pub enum Role {
     Reader,
     /// May read and change what belongs to its project.
     Member,
+    /// A project's manager (Keystone's `manager`): everything a member may, and more where a
+    /// policy says so.
+    Manager,
     /// May do anything to any instance.
     Admin,
 }
 
 impl Role {
-    /// The role's name as written in token and policy files.
+    /// The role's name as written in token and policy files and in Keystone.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Reader => "reader",
             Role::Member => "member",
+            Role::Manager => "manager",
             Role::Admin => "admin",
         }
+    }
+
+    /// The role called `name` in Keystone (case as Keystone stores it), if it is one of these.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Role::Reader, Role::Member, Role::Manager, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
+
+    /// Whether holding `self` gives `required` (the implications above).
+    pub fn implies(self, required: Role) -> bool {
+        self >= required
+    }
+}
+
+/// Whether any of `held` gives `required`.
+pub fn holds(held: &[Role], required: Role) -> bool {
+    held.iter().any(|r| r.implies(required))
+}
+
+/// Which backend authenticated a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenBackend {
+    /// The static token file (development, service accounts).
+    File,
+    /// Keystone.
+    Keystone,
+}
+
+/// An owner or admin authenticated by `X-Auth-Token`, whichever backend vouched for it.
+#[derive(Debug, Clone)]
+pub struct TokenCaller {
+    /// Who vouched.
+    pub backend: TokenBackend,
+    /// The token file's label, or the Keystone user's name (never the token).
+    pub name: String,
+    /// The Keystone user's id (`None` for the token file).
+    pub user_id: Option<String>,
+    /// The project the token acts for.
+    pub project: ProjectId,
+    /// The roles policy understands.
+    pub roles: Vec<Role>,
+    /// Every role name the token carries, for the audit event.
+    pub role_names: Vec<std::borrow::Cow<'static, str>>,
+}
+
+impl TokenCaller {
+    /// A caller from a token-file entry.
+    pub fn from_file(entry: &TokenEntry) -> Self {
+        Self {
+            backend: TokenBackend::File,
+            name: entry.label.clone(),
+            user_id: None,
+            project: entry.project.clone(),
+            roles: entry.roles.clone(),
+            role_names: entry.roles.iter().map(|r| r.as_str().into()).collect(),
+        }
+    }
+
+    /// A caller from a validated Keystone token.
+    pub fn from_keystone(identity: &keystone::KeystoneIdentity) -> Self {
+        let mut roles: Vec<Role> = identity
+            .roles
+            .iter()
+            .filter_map(|r| Role::from_name(r))
+            .collect();
+        roles.sort();
+        roles.dedup();
+        Self {
+            backend: TokenBackend::Keystone,
+            name: identity.user_name.clone(),
+            user_id: Some(identity.user_id.clone()),
+            project: identity.project_id.clone(),
+            roles,
+            role_names: identity.roles.iter().map(|r| r.clone().into()).collect(),
+        }
+    }
+
+    /// Whether the caller is an administrator (every project).
+    pub fn is_admin(&self) -> bool {
+        holds(&self.roles, Role::Admin)
     }
 }
 

@@ -16,6 +16,11 @@ use secrecy::{ExposeSecret, SecretBox, SecretString};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+mod compute;
+mod keystone;
+
+pub use compute::ComputeApi;
+
 use crate::audit::SyncMode;
 use crate::crypto::Keyring;
 use crate::identity::{Role, TokenEntry, TokenTable};
@@ -264,8 +269,12 @@ pub struct Config {
     pub proxy_secret: SecretString,
     /// How instances are identified.
     pub instance_auth: InstanceAuth,
-    /// Accepted owner and admin tokens.
+    /// Accepted owner and admin tokens from the token file (empty without `[tokens]`).
     pub tokens: TokenTable,
+    /// Keystone token validation, when `[keystone]` is configured.
+    pub keystone: Option<crate::identity::keystone::KeystoneSettings>,
+    /// How the compute API is reached (microversions, path prefix).
+    pub compute_api: compute::ComputeApi,
     /// The access policy.
     pub policy: Policy,
     /// The rate limits.
@@ -310,7 +319,12 @@ struct RawConfig {
     listeners: Vec<ListenerConfig>,
     tls: RawTls,
     instance_api: RawInstanceApi,
-    tokens: RawFileRef,
+    #[serde(default)]
+    tokens: Option<RawFileRef>,
+    #[serde(default)]
+    keystone: Option<keystone::RawKeystone>,
+    #[serde(default)]
+    compute_api: compute::RawComputeApi,
     #[serde(default)]
     policy: Option<RawFileRef>,
     rate_limits: RawFileRef,
@@ -793,9 +807,25 @@ impl Config {
             ));
         }
 
-        let tokens_path = under(base, &raw.tokens.file);
-        check_secret_mode(&tokens_path, dev_mode, &mut warnings)?;
-        let tokens = load_tokens(&tokens_path)?;
+        let tokens = match &raw.tokens {
+            Some(file) => {
+                let tokens_path = under(base, &file.file);
+                check_secret_mode(&tokens_path, dev_mode, &mut warnings)?;
+                load_tokens(&tokens_path)?
+            }
+            None => TokenTable::default(),
+        };
+        let keystone = raw
+            .keystone
+            .map(|k| k.validate(path, base, dev_mode, &mut warnings))
+            .transpose()?;
+        if raw.tokens.is_none() && keystone.is_none() {
+            return Err(err(
+                path,
+                "owners need a way to authenticate: configure [keystone], [tokens] (a token file), or both",
+            ));
+        }
+        let compute_api = raw.compute_api.validate(path)?;
 
         let policy = match &raw.policy {
             Some(p) => {
@@ -940,6 +970,8 @@ impl Config {
             proxy_secret,
             instance_auth,
             tokens,
+            keystone,
+            compute_api,
             policy,
             rate_limits,
             keys,

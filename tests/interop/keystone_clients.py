@@ -1,0 +1,108 @@
+"""python-novaclient (library and CLI) and openstacksdk with real Keystone sessions against metapass.
+
+Usage: keystone_clients.py METAPASS_PORT INSTANCE_ID PROJECT_ID REPO_ROOT WORK_DIR FIXTURES_JSON
+
+The owners authenticate with keystoneauth1's v3 password plugin against the test Keystone
+(tests/keystone/keystone-up); their tokens reach metapass as X-Auth-Token and metapass validates
+them with Keystone. The compute endpoint is metapass's (endpoint_override, as a catalog entry would
+give it). novaclient negotiates 2.latest, openstacksdk its default. Prints one line per check and
+OK at the end.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import subprocess
+import sys
+
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from keystoneauth1 import session as ks_session
+from keystoneauth1.identity import v3
+from novaclient import api_versions
+from novaclient import client as nova_client
+from openstack import connection
+
+
+def main():
+    port, instance_id, project_id, repo, work, fixtures_file = sys.argv[1:7]
+    with open(fixtures_file) as f:
+        fixtures = json.load(f)
+    ca = os.path.join(repo, "certs-dev", "ca.pem")
+    base = "https://127.0.0.1:%s" % port
+    compute = base + "/v2.1"
+    alice = fixtures["users"]["alice"]
+
+    def session(user):
+        auth = v3.Password(auth_url=fixtures["auth_url"] + "/v3", username=user, password=fixtures["users"][user]["password"],
+                           project_id=fixtures["users"][user]["project_id"], user_domain_id="default")
+        return ks_session.Session(auth=auth, verify=ca)
+
+    sess = session("alice")
+    # 2.latest, negotiated as the nova CLI does it: the server's version document against
+    # novaclient's own maximum (2.96 in 18.x).
+    probe = nova_client.Client("2.1", session=sess, endpoint_override=compute)
+    negotiated = api_versions.discover_version(probe, api_versions.APIVersion("2.latest"))
+    nova = nova_client.Client(negotiated.get_string(), session=sess, endpoint_override=compute)
+    print("novaclient negotiated", negotiated.get_string())
+    assert negotiated.get_string() == "2.96", negotiated.get_string()
+    # The guest's earlier plain-text post is cleared by the owner, so the guest can post again.
+    nova.servers.clear_password(instance_id)
+    assert nova.servers.get_password(instance_id) == "", "cleared"
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file = os.path.join(work, "owner-key.pem")
+    with open(key_file, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption()))
+    os.chmod(key_file, 0o600)
+
+    def guest_post(text):
+        blob = base64.b64encode(key.public_key().encrypt(text.encode(), padding.PKCS1v15())).decode()
+        sig = hmac.new(b"dev-metadata-proxy-secret", instance_id.encode(), hashlib.sha256).hexdigest()
+        headers = {"X-Instance-ID": instance_id, "X-Tenant-ID": project_id, "X-Instance-ID-Signature": sig}
+        resp = requests.post(base + "/openstack/2013-04-04/password", data=blob, headers=headers, verify=ca)
+        assert resp.status_code == 200, resp.text
+
+    guest_post("keystone-Passw0rd")
+    assert nova.servers.get_password(instance_id, private_key=key_file) == "keystone-Passw0rd"
+    print("novaclient 2.latest get_password: decrypted")
+    pinned = nova_client.Client("2.96", session=sess, endpoint_override=compute)
+    assert pinned.servers.get_password(instance_id, private_key=key_file) == "keystone-Passw0rd"
+    print("novaclient 2.96 get_password: decrypted")
+
+    # The nova CLI, authenticating with Keystone itself.
+    cli = [os.path.join(os.path.dirname(sys.executable), "nova"),
+           "--os-auth-url", fixtures["auth_url"] + "/v3", "--os-username", "alice",
+           "--os-password", alice["password"], "--os-project-id", alice["project_id"],
+           "--os-user-domain-id", "default", "--os-cacert", ca, "--os-endpoint-override", compute,
+           "--os-compute-api-version", "2.latest", "get-password", instance_id, key_file]
+    out = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "keystone-Passw0rd", out.stdout
+    print("nova get-password CLI with Keystone: decrypted")
+
+    # openstacksdk with its default microversion negotiation, on a reader's session.
+    conn = connection.Connection(session=session("rita"), compute_endpoint_override=compute)
+    blob = conn.compute.get_server_password(instance_id)
+    assert key.decrypt(base64.b64decode(blob), padding.PKCS1v15()).decode() == "keystone-Passw0rd"
+    print("openstacksdk get_server_password (reader): decrypted")
+    try:
+        conn.compute.clear_server_password(instance_id)
+    except Exception as exc:  # openstack.exceptions.ForbiddenException
+        assert "403" in str(exc) or getattr(exc, "status_code", None) == 403, exc
+    else:
+        raise AssertionError("a reader must not clear")
+    print("openstacksdk clear_server_password (reader): 403")
+    member = connection.Connection(session=sess, compute_endpoint_override=compute)
+    member.compute.clear_server_password(instance_id)
+    assert member.compute.get_server_password(instance_id) == "", "cleared"
+    print("openstacksdk clear_server_password (member): cleared")
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()
