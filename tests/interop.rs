@@ -85,3 +85,51 @@ async fn novaclient_the_nova_cli_and_openstacksdk_read_and_clear_the_password() 
     let (ok, report) = daemon.verify_audit();
     assert!(ok, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cloudbase_init_with_its_default_retries_posts_once_its_instance_is_registered() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let id = new_instance();
+    let port = daemon.addr.port().to_string();
+    let repo = repo();
+    let script_id = id.clone();
+    let started = std::time::Instant::now();
+    let guest = tokio::task::spawn_blocking(move || {
+        run_interop_script(
+            "cloudbase_init_early_boot.py",
+            &[&port, &script_id, "project-a", repo.to_str().unwrap()],
+        )
+    });
+    // Nova's create notification arrives "late": after the guest's first post was refused and at
+    // least five seconds after it started (bounded: the guest's retries last 20 s).
+    let early_post = |events: &[serde_json::Value]| {
+        events.iter().any(|e| {
+            e["api"]["operation"] == "password:set"
+                && e["unmapped"]["reason"] == "not_yet_registered"
+        })
+    };
+    let mut waited = 0;
+    while !(early_post(&daemon.audit_events()) && started.elapsed().as_secs() >= 5) {
+        assert!(waited < 150, "the guest never posted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    client.register(&id, "project-a").await;
+    let out = guest.await.unwrap();
+    assert!(out.trim_end().ends_with("OK"), "{out}");
+    let events = daemon.audit_events();
+    let sets: Vec<_> = events
+        .iter()
+        .filter(|e| e["api"]["operation"] == "password:set")
+        .collect();
+    assert!(sets.len() >= 2, "{}", sets.len());
+    assert!(
+        sets[..sets.len() - 1]
+            .iter()
+            .all(|e| e["status_code"] == "503" && e["unmapped"]["reason"] == "not_yet_registered")
+    );
+    assert_eq!(sets.last().unwrap()["status_code"], "200");
+    let (ok, report) = daemon.verify_audit();
+    assert!(ok, "{report}");
+}

@@ -156,7 +156,14 @@ async fn import_nova_takes_over_every_live_password_once() {
         ),
         "{dry}"
     );
-    assert_eq!(client.get_password(&with_password, A).await.status, 404);
+    // The dry run registered and sealed nothing: the guest still finds no password.
+    let nothing = client.get_password(&with_password, A).await;
+    assert_eq!((nothing.status, nothing.body.len()), (200, 0));
+    let events = daemon.audit_events();
+    assert_eq!(
+        event_for(&events, &nothing.request_id())["unmapped"]["reason"],
+        "not_yet_registered"
+    );
     let (ok, _, stderr) = import(&daemon, &url, &[]);
     assert!(!ok, "imported beside a running daemon");
     assert!(
@@ -450,7 +457,9 @@ async fn nova_notifications_keep_the_registry_true() {
         admin_get(id.clone()).await.status == 404
     })
     .await;
-    assert_eq!(client.get_password(&id, A).await.status, 404);
+    // Purged with its password: the guest finds none.
+    let purged = client.get_password(&id, A).await;
+    assert_eq!((purged.status, purged.body.len()), (200, 0));
 
     let schema = schema_validator();
     let events = daemon.audit_events();
@@ -470,4 +479,75 @@ async fn nova_notifications_keep_the_registry_true() {
         .channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
+}
+
+#[tokio::test]
+async fn an_unknown_instance_is_registered_at_once_from_novas_database() {
+    let Some((url, pool, db)) = fresh_nova_database().await else {
+        return;
+    };
+    let live = nova_instance(&pool, &db, Some(A), "", false).await;
+    let deleted = nova_instance(&pool, &db, Some(A), "", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), |text| {
+        format!("{text}\n[nova_lookup]\nurl = \"{url}\"\ntimeout_ms = 5000\n")
+    });
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    // The guest's first request: no notification has arrived, yet its post succeeds at once.
+    assert_eq!(client.post_password(&live, A, "blob").await.status, 200);
+    assert_eq!(client.get_password(&live, A).await.text(), "blob");
+    // A tenant the lookup contradicts is refused like any foreign tenant.
+    let other = nova_instance(&pool, &db, Some("project-b"), "", false).await;
+    assert_eq!(client.post_password(&other, A, "x").await.status, 404);
+    // Deleted in Nova, or unknown to it: not registered; the guest is told to retry.
+    assert_eq!(client.post_password(&deleted, A, "x").await.status, 503);
+    assert_eq!(
+        client.post_password(&new_instance(), A, "x").await.status,
+        503
+    );
+
+    let events = daemon.audit_events();
+    let lookups: Vec<_> = events
+        .iter()
+        .filter(|e| e["api"]["operation"] == "registry:lookup")
+        .collect();
+    assert_eq!(lookups.len(), 2, "{lookups:#?}");
+    assert_eq!(lookups[0]["resources"][0]["uid"], live.as_str());
+    assert_eq!(lookups[0]["resources"][0]["owner"]["account"]["uid"], A);
+    assert_eq!(lookups[0]["unmapped"]["caller_kind"], "system");
+    assert_eq!(
+        lookups[1]["resources"][0]["owner"]["account"]["uid"],
+        "project-b"
+    );
+    // Nova's database was only read.
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Option<u64> = conn
+        .query_first(format!("SELECT COUNT(*) FROM {db}.instances"))
+        .await
+        .unwrap();
+    assert_eq!(rows, Some(3));
+    let (ok, report) = daemon.verify_audit();
+    assert!(ok, "{report}");
+}
+
+#[tokio::test]
+async fn an_unreachable_nova_database_only_means_not_registered_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config = config_with(dir.path(), |text| {
+        format!(
+            "{text}\n[nova_lookup]\nurl = \"mysql://root@127.0.0.1:{port}/nova\"\ntimeout_ms = 500\n"
+        )
+    });
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    let id = new_instance();
+    let read = client.get_password(&id, A).await;
+    assert_eq!((read.status, read.body.len()), (200, 0));
+    assert_eq!(client.post_password(&id, A, "x").await.status, 503);
+    client.register(&id, A).await;
+    assert_eq!(client.post_password(&id, A, "x").await.status, 200);
 }

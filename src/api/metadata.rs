@@ -357,11 +357,18 @@ async fn get_password(
     ex.facts.operation = Action::PasswordGet.as_str();
     ex.facts.activity = Activity::Read;
     let (id, tenant) = identify(app, ex, headers)?;
-    let record = app
+    let mut record = app
         .store
         .password(&id)
         .await
         .map_err(|e| store_failure(&e))?;
+    if record.is_none() && crate::nova::lookup::register_unknown(app, &id).await {
+        record = app
+            .store
+            .password(&id)
+            .await
+            .map_err(|e| store_failure(&e))?;
+    }
     let Some(record) = record else {
         // Signed for an instance the registry does not know yet: there is no password to reveal,
         // and cloudbase-init reads a 404 as an error, so the answer is "no password".
@@ -434,11 +441,18 @@ async fn post_password<B: super::RequestBody>(
     ex.facts.operation = Action::PasswordSet.as_str();
     ex.facts.activity = Activity::Create;
     let (id, tenant) = identify(app, ex, headers)?;
-    let record = app
+    let mut record = app
         .store
         .instance(&id)
         .await
         .map_err(|e| store_failure(&e))?;
+    if record.is_none() && crate::nova::lookup::register_unknown(app, &id).await {
+        record = app
+            .store
+            .instance(&id)
+            .await
+            .map_err(|e| store_failure(&e))?;
+    }
     let Some(record) = record else {
         // Signed for an instance the registry does not know yet: "try again shortly" (503 passes
         // the Neutron proxy; cloudbase-init retries), without reading the body or storing anything.

@@ -89,6 +89,8 @@ pub struct App {
     pub limiters: Limiters,
     /// How instances are identified (proxy-header mode, proxy certificate names).
     pub instance_auth: InstanceAuth,
+    /// Registers unknown instances from Nova's database, when `[nova_lookup]` is configured.
+    pub nova_lookup: Option<crate::nova::lookup::NovaLookup>,
     /// Set when shutdown begins: readiness turns false.
     pub shutting_down: AtomicBool,
 }
@@ -132,6 +134,11 @@ impl App {
             metrics,
             limiters: Limiters::new(&config.rate_limits),
             instance_auth: config.instance_auth,
+            nova_lookup: config
+                .nova_lookup
+                .as_ref()
+                .map(crate::nova::lookup::NovaLookup::new)
+                .transpose()?,
             shutting_down: AtomicBool::new(false),
         })
     }

@@ -18,8 +18,10 @@ use zeroize::Zeroizing;
 
 mod compute;
 mod keystone;
+mod nova_lookup;
 
 pub use compute::ComputeApi;
+pub use nova_lookup::NovaLookupSettings;
 
 use crate::audit::SyncMode;
 use crate::crypto::Keyring;
@@ -289,6 +291,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// Following Nova's notifications, if enabled.
     pub notifications: Option<NotificationSettings>,
+    /// Registering unknown instances from Nova's database, when configured.
+    pub nova_lookup: Option<NovaLookupSettings>,
     /// Warnings to log at startup (dev mode, lax modes).
     pub warnings: Vec<String>,
 }
@@ -332,6 +336,8 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     nova_notifications: Option<RawNotifications>,
+    #[serde(default)]
+    nova_lookup: Option<nova_lookup::RawNovaLookup>,
     audit: RawAudit,
     #[serde(default)]
     limits: Limits,
@@ -950,6 +956,11 @@ impl Config {
             _ => None,
         };
 
+        let nova_lookup = raw
+            .nova_lookup
+            .map(|n| n.validate(path, base, dev_mode, &mut warnings))
+            .transpose()?;
+
         let audit_key_path = under(base, &raw.audit.key_file);
         check_secret_mode(&audit_key_path, dev_mode, &mut warnings)?;
         let audit = AuditSettings {
@@ -979,6 +990,7 @@ impl Config {
             store,
             audit,
             notifications,
+            nova_lookup,
             warnings,
         })
     }

@@ -93,6 +93,20 @@ impl NovaDatabase {
         Ok(conn)
     }
 
+    /// The project of the live (not deleted) instance `uuid`, if Nova has one: the registry
+    /// lookup of an instance metapass does not know yet.
+    pub async fn live_project(&self, uuid: &str) -> Result<Option<String>, String> {
+        let mut conn = self.conn().await?;
+        let row: Option<Option<String>> = conn
+            .exec_first(
+                "SELECT project_id FROM instances WHERE deleted = 0 AND uuid = ?",
+                (uuid,),
+            )
+            .await
+            .map_err(|e| format!("Nova database: {e}"))?;
+        Ok(row.flatten())
+    }
+
     /// How many instances Nova has deleted.
     async fn deleted(&self) -> Result<u64, String> {
         let mut conn = self.conn().await?;

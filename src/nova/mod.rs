@@ -6,6 +6,7 @@
 //! request's.
 
 pub mod import;
+pub mod lookup;
 pub mod notifications;
 
 use crate::api::respond::ApiError;

@@ -1,0 +1,77 @@
+//! `[nova_lookup]`: registering an unknown instance at once from Nova's database.
+//!
+//! ```toml
+//! [nova_lookup]
+//! url = "mysql://metapass_ro@nova-db:3306/nova"   # a read-only account; no password in the URL
+//! password_file = "/etc/metapass/nova-db-password"
+//! timeout_ms = 2000
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{ConfigError, check_secret_mode, err, read_text, under};
+
+/// Where and how to look an unknown instance up in Nova's database.
+#[derive(Debug, Clone)]
+pub struct NovaLookupSettings {
+    /// The database URL, password included (never logged).
+    pub url: SecretString,
+    /// How long one lookup may take; past it the instance counts as not registered yet.
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNovaLookup {
+    url: SecretString,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+
+impl RawNovaLookup {
+    pub(super) fn validate(
+        self,
+        path: &Path,
+        base: &Path,
+        dev_mode: bool,
+        warnings: &mut Vec<String>,
+    ) -> Result<NovaLookupSettings, ConfigError> {
+        let mut url = url::Url::parse(self.url.expose_secret())
+            .map_err(|_| err(path, "[nova_lookup] url is not a mysql:// URL"))?;
+        if url.scheme() != "mysql" {
+            return Err(err(path, "[nova_lookup] url must be mysql://"));
+        }
+        if url.password().is_some() && !dev_mode {
+            return Err(err(
+                path,
+                "a password in [nova_lookup] url is only allowed with dev_mode = true; use password_file",
+            ));
+        }
+        if let Some(file) = self.password_file {
+            let file = under(base, &file);
+            check_secret_mode(&file, dev_mode, warnings)?;
+            let password = zeroize::Zeroizing::new(read_text(&file)?);
+            url.set_password(Some(password.trim()))
+                .map_err(|()| err(path, "[nova_lookup] url cannot carry a password"))?;
+        }
+        if !(100..=30_000).contains(&self.timeout_ms) {
+            return Err(err(path, "[nova_lookup] timeout_ms must be 100 to 30000"));
+        }
+        warnings.push(
+            "[nova_lookup]: this build connects to Nova's database without TLS; keep it on a protected network and give metapass a read-only account".into(),
+        );
+        Ok(NovaLookupSettings {
+            url: SecretString::from(url.to_string()),
+            timeout: Duration::from_millis(self.timeout_ms),
+        })
+    }
+}
