@@ -23,7 +23,8 @@
 //! | [`config`] | typed configuration; every file and secret is read and validated here, at load |
 //! | [`server`] | accept loop, connection semaphore, timeouts, graceful shutdown |
 //! | [`tls`] | rustls server configuration (ring provider), client-certificate verifier, PEM loading, reload on SIGHUP |
-//! | [`identity`] | who is calling: client certificates, signed proxy headers, tokens; no policy decisions |
+//! | [`identity`] | who is calling: client certificates, signed proxy headers, the token file, Keystone tokens ([`identity::keystone`]); no policy decisions |
+//! | [`microversion`] | the compute API microversion a request asks for, read as Nova reads it |
 //! | [`forwarded`] | the client behind trusted proxies (`Forwarded`, `X-Forwarded-For`) |
 //! | [`policy`] | may this caller do this action to this instance |
 //! | [`api`] | routes and handlers; [`api::respond`] is the one place errors become answers |
@@ -36,7 +37,7 @@
 //! | [`ids`] | validated identifiers (instance, project, request) |
 //! | [`limits`] | rate limits with bounded key memory |
 //! | [`metrics`] | Prometheus metrics |
-//! | [`nova`] | living beside Nova: `import-nova` from its database, registry sync from its notifications |
+//! | [`nova`] | living beside Nova: `import-nova` from its database, registry sync from its notifications, registry lookups |
 //! | [`devcerts`] | the development certificate authority (never for production) |
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

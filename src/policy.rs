@@ -529,6 +529,35 @@ mod tests {
     }
 
     #[test]
+    fn novas_rule_names_are_aliases_and_roles_imply_as_keystones_do() {
+        let p = Policy::from_toml(
+            r#"
+            [actions."os_compute_api:os-server-password:clear"]
+            allow = [{ role = "manager", project = "owner" }]
+            [actions."os_compute_api:os-server-password:show"]
+            allow = [{ role = "member", project = "owner" }]
+            "#,
+        )
+        .unwrap();
+        let who = |roles: &'static [crate::identity::Role]| Principal::Token {
+            project: "project-a",
+            roles,
+        };
+        let a = target("project-a");
+        let clear = |roles| p.decide(who(roles), Action::PasswordClear, a).refusal;
+        let get = |roles| p.decide(who(roles), Action::PasswordGet, a).refusal;
+        assert_eq!(clear(&[Member]), Some(Refusal::Forbidden));
+        assert_eq!(clear(&[Manager]), None);
+        assert_eq!(clear(&[Admin]), None, "admin implies manager");
+        assert_eq!(get(&[Reader]), Some(Refusal::Forbidden));
+        assert_eq!(get(&[Manager]), None, "manager implies member");
+        // Both names of one action in one file: refused, naming both.
+        let twice = "[actions.\"password:get\"]\nallow = []\n[actions.\"os_compute_api:os-server-password:show\"]\nallow = []\n";
+        let e = Policy::from_toml(twice).unwrap_err().to_string();
+        assert!(e.contains("name the same action"), "{e}");
+    }
+
+    #[test]
     fn bad_files_name_the_line() {
         let unknown_action = "\n\n[actions.\"password:steal\"]\nallow = []\n";
         let e = Policy::from_toml(unknown_action).unwrap_err().to_string();

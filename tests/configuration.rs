@@ -207,3 +207,93 @@ async fn secret_and_tls_files_open_to_others_are_refused_outside_dev_mode() {
         "{stderr}"
     );
 }
+
+#[test]
+fn keystone_and_compute_api_settings_are_checked_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("keystone-password");
+    std::fs::write(&password, "secret\n").unwrap();
+    let keystone = |body: &str| {
+        let body = body.replace("PASSWORD", &password.display().to_string());
+        move |t: String| format!("{t}\n[keystone]\n{body}\n")
+    };
+    for (body, needle) in [
+        (
+            "auth_url = \"ftp://k\"\nusername = \"m\"\npassword_file = \"PASSWORD\"\nproject_name = \"s\"",
+            "https://",
+        ),
+        (
+            "auth_url = \"https://k:5000/v3\"\nusername = \"m\"\nproject_name = \"s\"",
+            "password_file",
+        ),
+        (
+            "auth_url = \"https://k:5000/v3\"\nusername = \"m\"\npassword_file = \"PASSWORD\"\nproject_name = \"s\"\ncache_ttl_secs = 86400",
+            "cache_ttl_secs",
+        ),
+        (
+            "auth_url = \"https://k:5000/v3\"\nusername = \"m\"\npassword_file = \"PASSWORD\"\nproject_name = \"s\"\ntimeout_secs = 0",
+            "timeout_secs",
+        ),
+    ] {
+        let config = config_with(dir.path(), keystone(body));
+        let stderr = serve_must_fail(&config);
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    for (section, needle) in [
+        (
+            "[compute_api]\nmax_microversion = \"3.1\"",
+            "max_microversion",
+        ),
+        (
+            "[compute_api]\nmax_microversion = \"2.x\"",
+            "max_microversion",
+        ),
+        ("[compute_api]\npath_prefix = \"compute/\"", "path_prefix"),
+        ("[compute_api]\npath_prefix = \"/admin\"", "shadow"),
+        ("[compute_api]\npath_prefix = \"/a/../b\"", "path_prefix"),
+    ] {
+        let config = config_with(dir.path(), |t| format!("{t}\n{section}\n"));
+        let stderr = serve_must_fail(&config);
+        assert!(stderr.contains(needle), "{section}: {stderr}");
+    }
+    // Neither Keystone nor a token file: owners could never authenticate.
+    let config = config_with(dir.path(), |t| {
+        t.replace("[tokens]\nfile = ", "# no tokens: ")
+    });
+    let stderr = serve_must_fail(&config);
+    assert!(stderr.contains("[keystone], [tokens]"), "{stderr}");
+}
+
+#[tokio::test]
+async fn keystone_alone_is_enough_and_an_unreachable_one_fails_closed() {
+    // A Keystone on a closed port: every token not in the (absent) token file is 503, never 200.
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("keystone-password");
+    std::fs::write(&password, "secret\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let section = format!(
+        "\n[keystone]\nauth_url = \"https://127.0.0.1:{port}\"\nusername = \"metapass\"\npassword_file = \"{}\"\nproject_name = \"service\"\ntimeout_secs = 2\n",
+        password.display()
+    );
+    let config = config_with(dir.path(), |t| {
+        t.replace("[tokens]\nfile = ", "# no tokens: ") + &section
+    });
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    let path = format!("/v2.1/servers/{}/os-server-password", new_instance());
+    let reply = client.get(&path, &[("x-auth-token", TOKEN_A)]).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    let none = client.get(&path, &[]).await;
+    assert_eq!(none.status, 401);
+    let events = daemon.audit_events();
+    assert_eq!(
+        event_for(&events, &reply.request_id())["unmapped"]["reason"],
+        "identity_unavailable"
+    );
+    assert!(!daemon.log().contains(TOKEN_A));
+}

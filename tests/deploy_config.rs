@@ -40,6 +40,11 @@ fn installed_example(dir: &Path) -> std::path::PathBuf {
     let secret = dir.join("proxy-secret.src");
     std::fs::write(&secret, format!("{PROXY_SECRET}\n")).unwrap();
     install(&secret, &etc.join("proxy-secret"));
+    // Keystone is contacted only when an unknown token arrives; these tests use the token file.
+    let keystone_password = dir.join("keystone-password.src");
+    std::fs::write(&keystone_password, "not-contacted-in-this-test\n").unwrap();
+    install(&keystone_password, &etc.join("keystone-password"));
+    install(&dev.join("ca.pem"), &etc.join("tls/keystone-ca.pem"));
 
     let text = std::fs::read_to_string(repo().join("deploy/metapass.toml")).unwrap();
     let addresses = regex::Regex::new(r#""(192\.0\.2\.1[0-9]|127\.0\.0\.1):[0-9]+""#).unwrap();
