@@ -152,7 +152,7 @@ async fn keystone_unreachable_fails_closed_for_tokens_it_has_not_vouched_for() {
     let Some(ks) = keystone::shared() else { return };
     let (mut server, url) = ks.start_another().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = ks.config(dir.path(), &url, "cache_ttl_secs = 300\ntimeout_secs = 2");
+    let config = ks.config(dir.path(), &url, "cache_ttl_secs = 300\ntimeout_secs = 15");
     let daemon = Daemon::start_with(&config, dir);
     let client = daemon.client();
     let id = new_instance();
@@ -199,9 +199,30 @@ async fn keystone_unreachable_fails_closed_for_tokens_it_has_not_vouched_for() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_application_credential_serves_as_metapass_s_own_credentials() {
+    let Some(ks) = keystone::shared() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = ks.config_with_application_credential(dir.path(), "");
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    let id = new_instance();
+    let project = ks.project_id("project-a");
+    client.register(&id, &project).await;
+    assert_eq!(client.post_password(&id, &project, "pw").await.status, 200);
+    let alice = ks.token("alice").await;
+    let read = client
+        .get(&password_path(&id), &[("x-auth-token", &alice)])
+        .await;
+    assert_eq!(read.status, 200, "{}", read.text());
+    assert_eq!(read.json()["password"], "pw");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn real_clients_with_keystone_sessions_read_and_clear() {
     let Some(ks) = keystone::shared() else { return };
-    let (daemon, id) = daemon_with_password(&ks, "").await;
+    // The catalog names the compute API under a prefix, as many deployments do.
+    let (daemon, id) =
+        daemon_with_password(&ks, "\n[compute_api]\npath_prefix = \"/compute\"").await;
     // The guest's post above was plain text; the owner clients need an RSA-encrypted one, so the
     // script clears it (as the owner) and posts its own as the guest.
     let port = daemon.addr.port().to_string();

@@ -102,9 +102,34 @@ impl Keystone {
     /// appended to that section.
     pub fn config(&self, dir: &Path, auth_url: &str, extra: &str) -> PathBuf {
         let password_file = self.fixtures["service_password_file"].as_str().unwrap();
+        let credentials = format!(
+            "username = \"metapass\"\npassword_file = \"{password_file}\"\nproject_name = \"service\"\nuser_domain_id = \"default\"\nproject_domain_id = \"default\""
+        );
+        self.config_with_credentials(dir, auth_url, &credentials, extra)
+    }
+
+    /// Like [`Keystone::config`], with the service user's application credential instead of its
+    /// password.
+    pub fn config_with_application_credential(&self, dir: &Path, extra: &str) -> PathBuf {
+        let credential = &self.fixtures["service_application_credential"];
+        let credentials = format!(
+            "application_credential_id = \"{}\"\napplication_credential_secret_file = \"{}\"",
+            credential["id"].as_str().unwrap(),
+            credential["secret_file"].as_str().unwrap()
+        );
+        self.config_with_credentials(dir, &self.auth_url(), &credentials, extra)
+    }
+
+    fn config_with_credentials(
+        &self,
+        dir: &Path,
+        auth_url: &str,
+        credentials: &str,
+        extra: &str,
+    ) -> PathBuf {
         let ca = repo().join("certs-dev/ca.pem");
         let section = format!(
-            "\n[keystone]\nauth_url = \"{auth_url}/v3\"\nusername = \"metapass\"\npassword_file = \"{password_file}\"\nproject_name = \"service\"\nuser_domain_id = \"default\"\nproject_domain_id = \"default\"\nca_file = \"{}\"\n{extra}\n",
+            "\n[keystone]\nauth_url = \"{auth_url}/v3\"\n{credentials}\nca_file = \"{}\"\n{extra}\n",
             ca.display()
         );
         config_with(dir, |text| format!("{text}{section}"))

@@ -101,6 +101,21 @@ def main():
     member.compute.clear_server_password(instance_id)
     assert member.compute.get_server_password(instance_id) == "", "cleared"
     print("openstacksdk clear_server_password (member): cleared")
+
+    # Catalog forms: the legacy endpoint with the project id in it, and a path prefix.
+    guest_post("catalog-Passw0rd")
+    legacy = nova_client.Client("2.96", session=sess, endpoint_override=compute + "/" + alice["project_id"])
+    assert legacy.servers.get_password(instance_id, private_key=key_file) == "catalog-Passw0rd"
+    print("novaclient on /v2.1/{project_id}: decrypted")
+    prefixed = base + "/compute/v2.1"
+    with_prefix = nova_client.Client("2.96", session=sess, endpoint_override=prefixed)
+    assert with_prefix.servers.get_password(instance_id, private_key=key_file) == "catalog-Passw0rd"
+    sdk = connection.Connection(session=sess, compute_endpoint_override=prefixed)
+    blob = sdk.compute.get_server_password(instance_id)
+    assert key.decrypt(base64.b64decode(blob), padding.PKCS1v15()).decode() == "catalog-Passw0rd"
+    sdk.compute.clear_server_password(instance_id)
+    assert sdk.compute.get_server_password(instance_id) == "", "cleared"
+    print("novaclient and openstacksdk under /compute/v2.1: decrypted and cleared")
     print("OK")
 
 

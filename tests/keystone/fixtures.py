@@ -5,7 +5,9 @@ Usage: fixtures.py AUTH_URL CA_FILE ADMIN_PASSWORD OUT_DIR
 Projects project-a and project-b (Keystone generates their ids), users with Nova's roles on them,
 and the metapass service user with the `service` role on the `service` project, as a real
 deployment's installer would create them. Writes OUT_DIR/fixtures.json (names, ids, passwords) and
-OUT_DIR/metapass-service-password (mode 0600) for metapass's `[keystone] password_file`.
+OUT_DIR/metapass-service-password (mode 0600) for metapass's `[keystone] password_file`, and an
+application credential of the service user (its secret in OUT_DIR/metapass-application-credential-
+secret) for `application_credential_id` / `application_credential_secret_file`.
 """
 
 import json
@@ -65,12 +67,25 @@ def main():
                       "project_id": admin_project, "role": "admin"}
     projects["admin"] = admin_project
 
+    # An application credential of the service user, the alternative to its password.
+    service_auth = v3.Password(auth_url=auth_url, username="metapass", password=users["metapass"]["password"],
+                               project_id=projects["service"], user_domain_id="default")
+    service_sess = ks_session.Session(auth=service_auth, verify=ca)
+    created = service_sess.post(auth_url + "/v3/users/%s/application_credentials" % users["metapass"]["id"],
+                                json={"application_credential": {"name": "metapass-token-validation"}},
+                                raise_exc=True).json()["application_credential"]
+    app_secret_file = os.path.join(out, "metapass-application-credential-secret")
+    fd = os.open(app_secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(created["secret"] + "\n")
+
     secret_file = os.path.join(out, "metapass-service-password")
     fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(users["metapass"]["password"] + "\n")
     fixtures = {"auth_url": auth_url, "ca_file": ca, "projects": projects, "users": users,
-                "service_password_file": secret_file}
+                "service_password_file": secret_file,
+                "service_application_credential": {"id": created["id"], "secret_file": app_secret_file}}
     fd = os.open(os.path.join(out, "fixtures.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(fixtures, f, indent=2)
