@@ -1,10 +1,14 @@
 //! Who the client is, behind load balancers and proxies.
 //!
-//! A listener lists its trusted proxies. When the peer (the TCP peer, or the source of a PROXY v2
-//! header) is one of them, its `Forwarded` (RFC 7239, preferred) or `X-Forwarded-For` header is
-//! believed: walking from the nearest hop outwards, the first address that is not itself a trusted
-//! proxy is the client. When the peer is not trusted, those headers are ignored (and the audit
-//! event says so): anyone can write them. The client address is used for the audit log and the
+//! A listener lists its trusted proxies and names the one header they set
+//! (`client_ip_header`: `X-Forwarded-For` by default, as the Neutron/OVN agents and nginx's
+//! `real_ip_header` use it, or RFC 7239 `Forwarded`). When the peer (the TCP peer, or the source
+//! of a PROXY v2 header) is a trusted proxy, that header is believed: walking from the nearest hop
+//! outwards, the first address that is not itself a trusted proxy is the client. The other header
+//! is never believed, whoever sends it: a proxy that appends `X-Forwarded-For` passes a client's
+//! own `Forwarded` through untouched, and that must not choose the audited source or dodge the
+//! per-source limit. When the peer is not trusted, both are ignored (and the audit event says so):
+//! anyone can write them. The client address is used for the audit log and the
 //! pre-authentication rate limit, never for identity.
 
 use std::net::IpAddr;
@@ -12,7 +16,7 @@ use std::net::IpAddr;
 use forwarded_header_value::ForwardedHeaderValue;
 use http::HeaderMap;
 
-use crate::config::ListenerConfig;
+use crate::config::{ClientIpHeader, ListenerConfig};
 
 /// The most hops accepted in a forwarding header.
 pub const MAX_HOPS: usize = 16;
@@ -62,36 +66,38 @@ pub fn resolve(
     peer: IpAddr,
     headers: &HeaderMap,
 ) -> Result<Source, Malformed> {
-    let forwarded = joined(headers, "forwarded");
-    let x_forwarded_for = joined(headers, "x-forwarded-for");
+    let (used, other) = match listener.client_ip_header {
+        ClientIpHeader::XForwardedFor => ("x-forwarded-for", "forwarded"),
+        ClientIpHeader::Forwarded => ("forwarded", "x-forwarded-for"),
+    };
+    let value = joined(headers, used);
+    // The header this listener's proxies do not set is a client's own: kept for the audit
+    // event, believed never.
+    let unbelieved = joined(headers, other).map(|raw| crate::audit::event::bounded(&raw));
     let direct = Source {
         client: peer,
         chain: Vec::new(),
         verdict: Verdict::None,
-        ignored: None,
+        ignored: unbelieved,
     };
-    if forwarded.is_none() && x_forwarded_for.is_none() {
+    let Some(value) = value else {
         return Ok(direct);
-    }
+    };
     if !listener.trusts(peer) {
-        let raw = forwarded.or(x_forwarded_for).unwrap_or_default();
         return Ok(Source {
             verdict: Verdict::IgnoredUntrustedPeer,
-            ignored: Some(crate::audit::event::bounded(&raw)),
+            ignored: Some(crate::audit::event::bounded(&value)),
             ..direct
         });
     }
-    let parsed = match (&forwarded, &x_forwarded_for) {
-        (Some(f), _) => ForwardedHeaderValue::from_forwarded(f)
+    let parsed = match listener.client_ip_header {
+        ClientIpHeader::Forwarded => ForwardedHeaderValue::from_forwarded(&value)
             .map_err(|_| Malformed("Forwarded is not a valid RFC 7239 header."))?,
-        (None, Some(x)) => ForwardedHeaderValue::from_x_forwarded_for(x)
+        ClientIpHeader::XForwardedFor => ForwardedHeaderValue::from_x_forwarded_for(&value)
             .map_err(|_| Malformed("X-Forwarded-For is not a list of at most 16 IP addresses."))?,
-        (None, None) => unreachable!("checked above"),
     };
     if parsed.len() > MAX_HOPS {
-        return Err(Malformed(
-            "X-Forwarded-For is not a list of at most 16 IP addresses.",
-        ));
+        return Err(Malformed("The forwarding header names more than 16 hops."));
     }
     let hops: Vec<Option<IpAddr>> = parsed
         .iter()
@@ -116,7 +122,7 @@ pub fn resolve(
         client,
         chain,
         verdict: Verdict::Trusted,
-        ignored: None,
+        ignored: direct.ignored,
     })
 }
 
@@ -126,8 +132,12 @@ mod tests {
     use http::HeaderValue;
 
     fn listener(trusted: &[&str]) -> ListenerConfig {
+        listener_with(trusted, "x-forwarded-for")
+    }
+
+    fn listener_with(trusted: &[&str], header: &str) -> ListenerConfig {
         toml::from_str(&format!(
-            "name = \"t\"\naddress = \"127.0.0.1:0\"\nserves = [\"instance\"]\ntrusted_proxies = [{}]",
+            "name = \"t\"\naddress = \"127.0.0.1:0\"\nserves = [\"instance\"]\nclient_ip_header = \"{header}\"\ntrusted_proxies = [{}]",
             trusted.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(",")
         ))
         .unwrap()
@@ -195,22 +205,32 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_is_preferred_and_parsed() {
-        let l = listener(&["10.0.0.0/8"]);
-        let h = headers(&[
+    fn only_the_configured_header_is_believed() {
+        let both = headers(&[
             (
                 "forwarded",
                 "for=192.0.2.60;proto=https, for=\"[2001:db8::1]:4711\"",
             ),
             ("x-forwarded-for", "198.51.100.1"),
         ]);
+        // The default: X-Forwarded-For, as the Neutron/OVN agents set it; a client's Forwarded
+        // passed through by the proxy chooses nothing, and is kept for the audit event.
+        let xff = listener(&["10.0.0.0/8"]);
+        let s = resolve(&xff, ip("10.0.0.2"), &both).unwrap();
+        assert_eq!(s.client, ip("198.51.100.1"));
+        assert!(s.ignored.as_deref().unwrap().contains("192.0.2.60"));
+        let only_forwarded = headers(&[("forwarded", "for=192.0.2.60")]);
+        let s = resolve(&xff, ip("10.0.0.2"), &only_forwarded).unwrap();
+        assert_eq!((s.client, s.verdict), (ip("10.0.0.2"), Verdict::None));
+        // Configured for Forwarded: the reverse.
+        let fwd = listener_with(&["10.0.0.0/8"], "forwarded");
         assert_eq!(
-            resolve(&l, ip("10.0.0.2"), &h).unwrap().client,
+            resolve(&fwd, ip("10.0.0.2"), &both).unwrap().client,
             ip("2001:db8::1")
         );
         let hidden = headers(&[("forwarded", "for=192.0.2.60, for=_hidden")]);
         assert_eq!(
-            resolve(&l, ip("10.0.0.2"), &hidden).unwrap().client,
+            resolve(&fwd, ip("10.0.0.2"), &hidden).unwrap().client,
             ip("10.0.0.2")
         );
     }
@@ -227,7 +247,8 @@ mod tests {
         }
         let many = vec!["192.0.2.1"; 17].join(",");
         assert!(resolve(&l, ip("127.0.0.1"), &headers(&[("x-forwarded-for", &many)])).is_err());
-        assert!(resolve(&l, ip("127.0.0.1"), &headers(&[("forwarded", "for")])).is_err());
+        let fwd = listener_with(&["127.0.0.1/32"], "forwarded");
+        assert!(resolve(&fwd, ip("127.0.0.1"), &headers(&[("forwarded", "for")])).is_err());
     }
 
     #[test]

@@ -4,22 +4,29 @@
 //!
 //! 1. **global**: every request, a ceiling for the whole daemon;
 //! 2. **per source**, before authentication: the client address (IPv6 grouped by /64, as one host
-//!    usually owns a /64). A failed authentication (bad signature, unknown token) is charged
-//!    [`RateLimitConfig::failed_auth_cost`] cells instead of one, so guessing is slow;
+//!    usually owns a /64). A request without credentials costs one cell up front; a request that
+//!    carries credentials (the proxy's signature, a token, an instance certificate) costs
+//!    nothing here when they verify, and [`RateLimitConfig::failed_auth_cost`] cells when they do
+//!    not, so guessing is slow while every guest behind the metadata proxy's one address is
+//!    limited on its own (per-instance) budget, never the proxy's. A source whose cells are spent
+//!    is refused before authentication, credentials or not, until a cell returns;
 //! 3. **per instance**, after the proxy signature verifies;
 //! 4. **per project**, after a token verifies (admins are limited per token label).
 //!
-//! Each keyed limiter holds at most [`RateLimitConfig::max_keys`] keys: past that, new keys are not
-//! tracked (the keyed limiter lets them through) and the global limiter alone decides. Idle keys
-//! are dropped by [`Limiters::maintain`] (`retain_recent` + `shrink_to_fit`), run on a timer.
+//! Each keyed limiter holds at most [`RateLimitConfig::max_keys`] keys: past that, every key it
+//! does not track shares one overflow bucket with that limiter's quota, so filling the table with
+//! distinct sources (or instances, or projects) lifts no limit: it fails closed, and a failed
+//! authentication still costs its cells there. Idle keys are dropped by [`Limiters::maintain`]
+//! (`retain_recent` + `shrink_to_fit`), run on a timer, which makes room for tracked keys again.
 
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use governor::clock::Reference;
 use governor::clock::{Clock, DefaultClock};
-use governor::middleware::NoOpMiddleware;
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::nanos::Nanos;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::state::{InMemoryState, NotKeyed, StateStore};
@@ -102,11 +109,13 @@ pub struct Limited {
     pub retry_after_secs: u64,
 }
 
-/// A keyed state store that tracks at most `cap` keys; untracked keys are measured as if new and
-/// forgotten, so past the cap only the other limiters constrain them.
+/// A keyed state store that tracks at most `cap` keys; every key it does not track is measured
+/// against one shared overflow bucket, so past the cap the untracked keys together get one key's
+/// budget (fail closed) instead of none being limited.
 #[derive(Debug)]
 pub struct BoundedStore<K: Hash + Eq + Clone> {
     inner: DashMapStateStore<K>,
+    overflow: InMemoryState,
     cap: usize,
 }
 
@@ -114,6 +123,7 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     fn new(cap: usize) -> Self {
         Self {
             inner: DashMapStateStore::default(),
+            overflow: InMemoryState::default(),
             cap,
         }
     }
@@ -127,7 +137,7 @@ impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         if !self.inner.contains_key(key) && self.inner.len() >= self.cap {
-            return f(None).map(|(t, _)| t);
+            return self.overflow.measure_and_replace(&NotKeyed::NonKey, f);
         }
         self.inner.measure_and_replace(key, f)
     }
@@ -152,12 +162,20 @@ impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for BoundedStore<K> {
 }
 
 type Keyed<K, C> = RateLimiter<K, BoundedStore<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type SourceLimiter<C> = RateLimiter<IpAddr, BoundedStore<IpAddr>, C, StateInformationMiddleware>;
 
 /// The limiters of one daemon.
 pub struct Limiters<C: Clock = DefaultClock> {
     clock: C,
     global: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
-    source: Keyed<IpAddr, C>,
+    source: SourceLimiter<C>,
+    /// Sources whose cells are spent, refused before authentication until the instant a cell
+    /// returns (so credentials, which cost nothing up front, cannot be tried meanwhile). At most
+    /// `max_keys` entries; expired ones go first.
+    blocked: std::sync::Mutex<std::collections::HashMap<IpAddr, C::Instant>>,
+    max_keys: usize,
+    /// How long one source cell takes to return.
+    source_cell: Nanos,
     instance: Keyed<String, C>,
     project: Keyed<String, C>,
     failed_auth_cost: NonZeroU32,
@@ -181,8 +199,12 @@ impl Limiters<DefaultClock> {
 }
 
 fn retry_after<C: Clock>(clock: &C, not_until: &governor::NotUntil<C::Instant>) -> u64 {
-    let wait = not_until.wait_time_from(clock.now());
-    // Round up to whole seconds: a client retrying after Retry-After must succeed.
+    whole_seconds(not_until.wait_time_from(clock.now()))
+}
+
+/// Rounds up to whole seconds, at least 1: a client retrying after Retry-After must succeed.
+fn whole_seconds(wait: impl Into<Duration>) -> u64 {
+    let wait: Duration = wait.into();
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     secs.max(1)
 }
@@ -200,7 +222,15 @@ impl<C: Clock + Clone> Limiters<C> {
     pub fn with_clock(config: &RateLimitConfig, clock: C) -> Self {
         Self {
             global: RateLimiter::direct_with_clock(config.global.quota(), clock.clone()),
-            source: keyed(config.per_source, config.max_keys, &clock),
+            source: Keyed::<IpAddr, C>::new(
+                config.per_source.quota(),
+                BoundedStore::new(config.max_keys),
+                clock.clone(),
+            )
+            .with_middleware::<StateInformationMiddleware>(),
+            blocked: std::sync::Mutex::default(),
+            max_keys: config.max_keys,
+            source_cell: Nanos::from(config.per_source.quota().replenish_interval()),
             instance: keyed(config.per_instance, config.max_keys, &clock),
             project: keyed(config.per_project, config.max_keys, &clock),
             failed_auth_cost: config.failed_auth_cost,
@@ -227,27 +257,85 @@ impl<C: Clock + Clone> Limiters<C> {
         }
     }
 
-    /// The checks before authentication: the global ceiling, then the source.
-    pub fn before_auth(&self, source: IpAddr) -> Result<(), Limited> {
+    /// The checks before authentication: the global ceiling, whether the source's cells are
+    /// spent, and, for a request without credentials (`credentialed` false), its own cell.
+    pub fn before_auth(&self, source: IpAddr, credentialed: bool) -> Result<(), Limited> {
         self.global.check().map_err(|n| Limited {
             limit: "global",
             retry_after_secs: retry_after(&self.clock, &n),
         })?;
-        self.source
-            .check_key(&self.source_key(source))
-            .map_err(|n| Limited {
+        let key = self.source_key(source);
+        let now = self.clock.now();
+        if let Some(until) = self.blocked_until(&key, now) {
+            return Err(Limited {
                 limit: "source",
-                retry_after_secs: retry_after(&self.clock, &n),
-            })
+                retry_after_secs: whole_seconds(until.duration_since(now)),
+            });
+        }
+        if credentialed {
+            return Ok(());
+        }
+        match self.source.check_key(&key) {
+            Ok(_) => Ok(()),
+            Err(n) => {
+                self.block(key, n.earliest_possible(), now);
+                Err(Limited {
+                    limit: "source",
+                    retry_after_secs: retry_after(&self.clock, &n),
+                })
+            }
+        }
     }
 
-    /// Charges a failed authentication to its source (in addition to the request's own cell).
-    pub fn failed_auth(&self, source: IpAddr) {
-        let extra = NonZeroU32::new(self.failed_auth_cost.get().saturating_sub(1));
-        if let Some(n) = extra {
-            // Refused or not, the cells are what the failure costs; the next request decides.
-            let _ = self.source.check_key_n(&self.source_key(source), n);
+    /// Charges a failed authentication (credentials that did not verify, or malformed ones) to
+    /// its source: `failed_auth_cost` cells in all, one fewer when the request already paid its
+    /// cell before authentication (`prepaid`). A source left without cells is refused before
+    /// authentication until one returns.
+    pub fn failed_auth(&self, source: IpAddr, prepaid: bool) {
+        let cost = self.failed_auth_cost.get() - u32::from(prepaid);
+        let Some(cost) = NonZeroU32::new(cost) else {
+            return;
+        };
+        let key = self.source_key(source);
+        let now = self.clock.now();
+        match self.source.check_key_n(&key, cost) {
+            Ok(Ok(left)) if left.remaining_burst_capacity() > 0 => {}
+            Ok(Ok(_)) => self.block(key, now + self.source_cell, now),
+            Ok(Err(n)) => self.block(key, n.earliest_possible(), now),
+            // failed_auth_cost is checked against the burst at load; this cannot happen.
+            Err(_) => self.block(key, now + self.source_cell, now),
         }
+    }
+
+    fn blocked_until(&self, key: &IpAddr, now: C::Instant) -> Option<C::Instant> {
+        let mut blocked = self
+            .blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match blocked.get(key) {
+            Some(until) if *until > now => Some(*until),
+            Some(_) => {
+                blocked.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn block(&self, key: IpAddr, until: C::Instant, now: C::Instant) {
+        let mut blocked = self
+            .blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if blocked.len() >= self.max_keys && !blocked.contains_key(&key) {
+            blocked.retain(|_, u| *u > now);
+            if blocked.len() >= self.max_keys {
+                // Full of live blocks: this source is still limited by its (or the overflow)
+                // bucket on its next failure.
+                return;
+            }
+        }
+        blocked.insert(key, until);
     }
 
     /// The check after an instance is identified.
@@ -272,6 +360,11 @@ impl<C: Clock + Clone> Limiters<C> {
 
     /// Drops keys whose buckets are back to full and releases the memory.
     pub fn maintain(&self) {
+        let now = self.clock.now();
+        self.blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, until| *until > now);
         self.source.retain_recent();
         self.source.shrink_to_fit();
         self.instance.retain_recent();
@@ -391,15 +484,18 @@ mod tests {
         let l = Limiters::with_clock(&config(100), clock.clone());
         let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
         for _ in 0..10 {
-            assert_eq!(l.before_auth(a), Ok(()));
+            assert_eq!(l.before_auth(a, false), Ok(()));
         }
-        let refused = l.before_auth(a).unwrap_err();
+        let refused = l.before_auth(a, false).unwrap_err();
         assert_eq!(refused.limit, "source");
         assert_eq!(refused.retry_after_secs, 1);
         // Another source is unaffected.
-        assert_eq!(l.before_auth(Ipv4Addr::new(10, 0, 0, 2).into()), Ok(()));
+        assert_eq!(
+            l.before_auth(Ipv4Addr::new(10, 0, 0, 2).into(), false),
+            Ok(())
+        );
         clock.advance(Duration::from_secs(1));
-        assert_eq!(l.before_auth(a), Ok(()));
+        assert_eq!(l.before_auth(a, false), Ok(()));
     }
 
     #[test]
@@ -407,16 +503,18 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let l = Limiters::with_clock(&config(100), clock.clone());
         let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
-        // Each failure: one cell for the request, four more for failing (cost 5).
-        l.before_auth(a).unwrap();
-        l.failed_auth(a);
-        l.before_auth(a).unwrap();
-        l.failed_auth(a);
-        let refused = l.before_auth(a).unwrap_err();
+        // A request with credentials costs nothing up front; each failure costs 5 (of 10).
+        l.before_auth(a, true).unwrap();
+        l.failed_auth(a, false);
+        l.before_auth(a, true).unwrap();
+        l.failed_auth(a, false);
+        // Spent: refused before authentication, with or without credentials.
+        assert_eq!(l.before_auth(a, true).unwrap_err().limit, "source");
+        let refused = l.before_auth(a, false).unwrap_err();
         // 10 cells spent at 1/s: the next one is 1 s away... and the debt makes it more.
         assert!(refused.retry_after_secs >= 1);
         clock.advance(Duration::from_secs(1));
-        assert!(l.before_auth(a).is_ok());
+        assert!(l.before_auth(a, false).is_ok());
     }
 
     #[test]
@@ -433,10 +531,10 @@ mod tests {
             IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))
         );
         for _ in 0..10 {
-            l.before_auth(a).unwrap();
+            l.before_auth(a, false).unwrap();
         }
-        assert!(l.before_auth(b).is_err(), "same /64, same bucket");
-        assert!(l.before_auth(c).is_ok());
+        assert!(l.before_auth(b, false).is_err(), "same /64, same bucket");
+        assert!(l.before_auth(c, false).is_ok());
     }
 
     #[test]
@@ -465,7 +563,7 @@ mod tests {
         let mut allowed = 0u32;
         for i in 0..1_000_000u32 {
             let source = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
-            if l.before_auth(source).is_ok() {
+            if l.before_auth(source, false).is_ok() {
                 allowed += 1;
             }
             assert!(
@@ -474,14 +572,49 @@ mod tests {
             );
         }
         assert!(l.key_counts().0 <= 10_000 + 8);
+        // The first 10,000 sources are tracked (one request each); the other 990,000 share one
+        // overflow bucket (burst 10): filling the table lifts no limit.
         assert_eq!(
-            allowed, 50_000,
-            "past the key cap, the global limiter decides"
+            allowed,
+            10_000 + 10,
+            "past the key cap, untracked sources share one bucket"
         );
         // Once the buckets are full again, the sweep empties the map.
         clock.advance(Duration::from_secs(60));
         l.maintain();
         assert_eq!(l.key_counts().0, 0);
+
+        // The global ceiling still applies below the key cap.
+        cfg.global.burst = NonZeroU32::new(5_000).unwrap();
+        let l = Limiters::with_clock(&cfg, clock.clone());
+        let allowed = (0..10_000u32)
+            .filter(|i| {
+                l.before_auth(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), false)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(allowed, 5_000, "the global limiter decides");
+    }
+
+    #[test]
+    fn failed_authentications_past_the_key_cap_still_cost() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiters::with_clock(&config(1), clock.clone());
+        let tracked: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        l.before_auth(tracked, false).unwrap();
+        // Two untracked sources share one bucket (burst 10): a's failure costs it 5 cells, so b
+        // gets the other 5.
+        let (a, b): (IpAddr, IpAddr) = (
+            Ipv4Addr::new(10, 0, 0, 2).into(),
+            Ipv4Addr::new(10, 0, 0, 3).into(),
+        );
+        l.before_auth(a, true).unwrap();
+        l.failed_auth(a, false);
+        for _ in 0..5 {
+            l.before_auth(b, false).unwrap();
+        }
+        assert_eq!(l.before_auth(b, false).unwrap_err().limit, "source");
+        assert_eq!(l.key_counts().0, 1, "only the first source is tracked");
     }
 
     #[test]

@@ -385,3 +385,61 @@ async fn http2_rapid_reset_is_cut_off() {
         200
     );
 }
+
+#[tokio::test]
+async fn one_guest_flooding_through_the_proxy_never_starves_another() {
+    // Production limits, and every guest behind the metadata proxy's one address (no trusted
+    // proxies: metapass sees only the proxy).
+    let production = std::fs::read_to_string(repo().join("policy/limits.toml")).unwrap();
+    let daemon = daemon_with(&production, |t| {
+        t.replace(
+            "trusted_proxies = [\"127.0.0.1/32\", \"::1/128\"]",
+            "trusted_proxies = []",
+        )
+    });
+    let client = daemon.client();
+    let (noisy, quiet) = (new_instance(), new_instance());
+    client.register(&noisy, "project-a").await;
+    client.register(&quiet, "project-a").await;
+    // The noisy guest polls far past its own budget (per_instance burst 10) and the proxy's
+    // per-source burst (60), eight requests at a time.
+    let mut statuses = Vec::new();
+    for _ in 0..25 {
+        let batch = (0..8).map(|_| client.get_password(&noisy, "project-a"));
+        statuses.extend(
+            futures_util::future::join_all(batch)
+                .await
+                .iter()
+                .map(|r| r.status),
+        );
+    }
+    let limited = statuses.iter().filter(|s| **s == 503).count();
+    assert!(
+        limited >= 150,
+        "the noisy guest is limited on its own budget: {limited}"
+    );
+    // The quiet guest, through the same address, is served: its read and its post.
+    let read = client.get_password(&quiet, "project-a").await;
+    assert_eq!((read.status, read.body.len()), (200, 0), "{}", read.text());
+    assert_eq!(
+        client
+            .post_password(&quiet, "project-a", "blob")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        client.get_password(&quiet, "project-a").await.text(),
+        "blob"
+    );
+    let events = daemon.audit_events();
+    let refusals: Vec<_> = events
+        .iter()
+        .filter(|e| e["unmapped"]["reason"] == "rate_limited")
+        .collect();
+    assert!(
+        refusals.iter().all(|e| e["status_detail"] == "rate_limited"
+            && e["message"].as_str().unwrap().contains("(instance)")),
+        "only the instance limit refused anyone"
+    );
+}

@@ -757,3 +757,45 @@ async fn sighup_reloads_the_client_ca_and_crls_and_a_broken_crl_changes_nothing(
     let message = last["message"].as_str().unwrap();
     assert!(message.contains("no X509 CRL found"), "{message}");
 }
+
+#[tokio::test]
+async fn only_the_configured_forwarding_header_chooses_the_audited_source() {
+    // The dev listener trusts 127.0.0.1 and names X-Forwarded-For. A proxy that appends
+    // X-Forwarded-For passes a client's own Forwarded header through: it must choose nothing.
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let both = [
+        ("x-forwarded-for", "192.0.2.7"),
+        ("forwarded", "for=203.0.113.99"),
+    ];
+    let reply = client.get("/healthz", &both).await;
+    let events = daemon.audit_events();
+    let event = event_for(&events, &reply.request_id());
+    assert_eq!(event["src_endpoint"]["ip"], "192.0.2.7");
+    assert_eq!(event["unmapped"]["forwarded"], "trusted");
+    assert_eq!(event["unmapped"]["forwarded_for_raw"], "for=203.0.113.99");
+    // Forwarded alone names nobody: the peer is the source.
+    let alone = client
+        .get("/healthz", &[("forwarded", "for=203.0.113.99")])
+        .await;
+    let events = daemon.audit_events();
+    assert_eq!(
+        event_for(&events, &alone.request_id())["src_endpoint"]["ip"],
+        "127.0.0.1"
+    );
+
+    // A listener configured for Forwarded believes only Forwarded.
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), |t| {
+        t.replace(
+            "client_ip_header = \"x-forwarded-for\"",
+            "client_ip_header = \"forwarded\"",
+        )
+    });
+    let daemon = Daemon::start_with(&config, dir);
+    let reply = daemon.client().get("/healthz", &both).await;
+    let events = daemon.audit_events();
+    let event = event_for(&events, &reply.request_id());
+    assert_eq!(event["src_endpoint"]["ip"], "203.0.113.99");
+    assert_eq!(event["unmapped"]["forwarded_for_raw"], "192.0.2.7");
+}

@@ -277,13 +277,14 @@ fn identify(
         .as_ref()
         .is_some_and(|c| c.is_proxy(&app.instance_auth.proxy_cert_names));
     let (claim, verdict) = app.signer.verify(headers);
+    let credentialed = ex.credentialed;
     let facts = &mut ex.facts;
     facts.caller.auth = AuthMethod::ProxySignature;
     facts.caller.claimed_instance = claim.instance_id.as_deref().map(bounded);
     facts.caller.claimed_tenant = claim.tenant_id.as_deref().map(bounded);
     if app.instance_auth.proxy_auth == ProxyAuth::MtlsAndSignature && !from_proxy {
         // Proxy headers from anyone but the proxy are a failed authentication, as a bad signature is.
-        app.limiters.failed_auth(facts.client);
+        app.limiters.failed_auth(facts.client, !credentialed);
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             Reason::ProxyCertificateRequired,
@@ -291,12 +292,13 @@ fn identify(
         ));
     }
     verdict.map_err(|e| {
+        // Proxy headers that do not verify, malformed or forged, are a failed authentication.
+        app.limiters.failed_auth(facts.client, !credentialed);
         let reason = match e {
             ProxyHeaderError::Missing(_) => Reason::MissingHeader,
             ProxyHeaderError::Duplicate(_) => Reason::DuplicateHeader,
             ProxyHeaderError::NotText(_) => Reason::InvalidHeader,
             ProxyHeaderError::BadSignature => {
-                app.limiters.failed_auth(facts.client);
                 return ApiError::new(StatusCode::FORBIDDEN, Reason::BadSignature, e.to_string());
             }
         };

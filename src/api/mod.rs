@@ -194,6 +194,9 @@ pub struct Exchange {
     gate_event: GateEvent,
     /// The compute microversion the request is served at, once known (echoed in the answer).
     pub microversion: Option<crate::microversion::Microversion>,
+    /// The request brought credentials to a route that verifies them, so it paid nothing to its
+    /// source before authentication (see [`carries_credentials`]).
+    pub credentialed: bool,
 }
 
 impl Exchange {
@@ -438,6 +441,7 @@ async fn handle<B: RequestBody>(
         close_after,
         gate_event: GateEvent::None,
         microversion: None,
+        credentialed: false,
     };
     let routed = AssertUnwindSafe(route(&app, &mut ex, req))
         .catch_unwind()
@@ -539,7 +543,8 @@ async fn route<B: RequestBody>(
     if source.ignored.is_some() {
         ex.facts.forwarded_for_raw = source.ignored;
     }
-    if let Err(limited) = app.limiters.before_auth(ex.facts.client) {
+    ex.credentialed = carries_credentials(app, ex, path, req.headers());
+    if let Err(limited) = app.limiters.before_auth(ex.facts.client, ex.credentialed) {
         return Err(rate_limited(app, ex, limited));
     }
     if !ex.conn.listener.serves(ex.facts.surface) {
@@ -558,6 +563,35 @@ async fn route<B: RequestBody>(
         compute::handle(app, ex, req).await
     } else {
         Err(ApiError::not_found(Reason::NotFound, "No such resource."))
+    }
+}
+
+/// Whether the request brings credentials to a route that verifies them: the proxy's signature
+/// or an instance certificate on the password route, a token on the compute or admin API. Such a
+/// request costs its source nothing before authentication (a verified one never does; a failed
+/// one costs `failed_auth_cost`, see [`crate::limits`]), so the metadata proxy's one address is
+/// not a budget every guest behind it shares.
+fn carries_credentials(app: &App, ex: &Exchange, path: &str, headers: &HeaderMap) -> bool {
+    use crate::audit::Surface;
+    match ex.facts.surface {
+        Surface::Instance => {
+            metadata::route_as_nova(path) == metadata::InstanceRoute::Password
+                && (headers.contains_key(crate::identity::SIGNATURE_HEADER)
+                    || ex
+                        .conn
+                        .client_cert
+                        .as_ref()
+                        .is_some_and(|c| c.instance_id.is_some()))
+        }
+        Surface::Compute => {
+            headers.contains_key(AUTH_TOKEN_HEADER)
+                && matches!(
+                    compute::route(&app.compute_api, path),
+                    compute::ComputeRoute::Server(..) | compute::ComputeRoute::Password(..)
+                )
+        }
+        Surface::Admin => headers.contains_key(AUTH_TOKEN_HEADER),
+        Surface::Ops | Surface::Unknown => false,
     }
 }
 
@@ -697,7 +731,10 @@ pub async fn authenticate_token(
                 "Authentication required: send X-Auth-Token.",
             ));
         }
-        (Some(_), Some(_)) => return Err(unauthenticated("X-Auth-Token appears more than once.")),
+        (Some(_), Some(_)) => {
+            app.limiters.failed_auth(ex.facts.client, !ex.credentialed);
+            return Err(unauthenticated("X-Auth-Token appears more than once."));
+        }
         (Some(v), None) => v,
     };
     ex.facts.caller.credential_fingerprint = Some(app.auditor.keys().fingerprint(token.as_bytes()));
@@ -705,7 +742,7 @@ pub async fn authenticate_token(
     let caller = match app.tokens.lookup(&token) {
         Some(entry) => {
             check_certificate_binding(ex, entry).inspect_err(|_| {
-                app.limiters.failed_auth(ex.facts.client);
+                app.limiters.failed_auth(ex.facts.client, !ex.credentialed);
             })?;
             TokenCaller::from_file(entry)
         }
@@ -718,7 +755,7 @@ pub async fn authenticate_token(
                 }
             }
             None => {
-                app.limiters.failed_auth(ex.facts.client);
+                app.limiters.failed_auth(ex.facts.client, !ex.credentialed);
                 return Err(unauthenticated("The token is not valid."));
             }
         },
@@ -774,7 +811,7 @@ fn check_certificate_binding(ex: &Exchange, entry: &TokenEntry) -> Result<(), Ap
 fn keystone_refusal(app: &App, ex: &Exchange, error: KeystoneError) -> ApiError {
     match error {
         KeystoneError::Invalid(message) => {
-            app.limiters.failed_auth(ex.facts.client);
+            app.limiters.failed_auth(ex.facts.client, !ex.credentialed);
             ApiError::new(StatusCode::UNAUTHORIZED, Reason::Unauthenticated, message)
         }
         KeystoneError::NotProjectScoped => ApiError::new(

@@ -162,6 +162,23 @@ pub struct ListenerConfig {
     /// Peers whose `Forwarded`/`X-Forwarded-For` headers (and PROXY headers) are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The one header this listener's trusted proxies set to name the client; the other is
+    /// never believed.
+    #[serde(default)]
+    pub client_ip_header: ClientIpHeader,
+}
+
+/// Which forwarding header a listener's trusted proxies set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For` (the Neutron/OVN metadata agents, HAProxy's `option forwardfor`,
+    /// nginx's `real_ip_header` default).
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`.
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 fn default_true() -> bool {
