@@ -103,8 +103,13 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     /// TCP connections accepted.
     pub connections: Counter,
-    /// Connections closed at accept because their source held its share.
+    /// Connections closed at accept: their source held its share, the listener was full of busy
+    /// connections, or a PROXY header was missing or bad.
     pub connections_refused: Counter,
+    /// Connections closed to make room for a new one (they had no request in flight).
+    pub connections_shed: Counter,
+    /// Connections closed by the first-request or idle timer.
+    pub connections_timed_out: Counter,
     /// Connections open now (TLS handshake included).
     pub connections_open: Gauge,
     /// Requests refused by each rate limiter.
@@ -180,8 +185,20 @@ impl Metrics {
         let connections_refused = Counter::default();
         registry.register(
             "connections_refused",
-            "Connections closed at accept because their source held its share",
+            "Connections closed at accept (source at its share, listener full of busy connections, bad PROXY header)",
             connections_refused.clone(),
+        );
+        let connections_shed = Counter::default();
+        registry.register(
+            "connections_shed",
+            "Connections closed to make room for a new one on a full listener",
+            connections_shed.clone(),
+        );
+        let connections_timed_out = Counter::default();
+        registry.register(
+            "connections_timed_out",
+            "Connections closed by the first-request or idle timer",
+            connections_timed_out.clone(),
         );
         let rate_limit_hits = Family::<LimitLabels, Counter>::default();
         registry.register(
@@ -216,6 +233,8 @@ impl Metrics {
             tls_handshake_failures,
             connections,
             connections_refused,
+            connections_shed,
+            connections_timed_out,
             connections_open,
             rate_limit_hits,
             store_seconds,

@@ -54,12 +54,20 @@ pub struct Overrides {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Connections served at once; further connections wait in the kernel's accept queue.
+    /// Connections each listener holds at once (unless the listener sets its own); when full, a
+    /// new connection sheds one that serves nobody, or is closed (see `server::pressure`).
     pub max_connections: usize,
-    /// Connections one source address (IPv6: one /64) may hold at once; more are closed at accept.
+    /// Connections one source address (IPv6: one /64) may hold at once on each listener; more are
+    /// closed at accept.
     pub max_connections_per_source: usize,
     /// Seconds allowed for the TLS handshake.
     pub tls_handshake_timeout_secs: u64,
+    /// Seconds from accept to the first request's head (PROXY header, TLS handshake and protocol
+    /// detection included); shortened as a listener fills.
+    pub first_request_timeout_secs: u64,
+    /// Seconds a connection may wait between requests (HTTP/1 keep-alive, HTTP/2 with no open
+    /// stream, whatever the client does with pings); shortened as a listener fills.
+    pub idle_timeout_secs: u64,
     /// Seconds allowed to receive a request's headers.
     pub header_read_timeout_secs: u64,
     /// Seconds allowed to receive a request's body.
@@ -84,6 +92,8 @@ impl Default for Limits {
             max_connections: 4096,
             max_connections_per_source: 256,
             tls_handshake_timeout_secs: 10,
+            first_request_timeout_secs: 15,
+            idle_timeout_secs: 30,
             header_read_timeout_secs: 10,
             body_read_timeout_secs: 10,
             request_timeout_secs: 30,
@@ -100,6 +110,14 @@ impl Limits {
     /// The TLS handshake deadline.
     pub fn tls_handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.tls_handshake_timeout_secs)
+    }
+    /// The deadline from accept to the first request.
+    pub fn first_request_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_request_timeout_secs.max(1))
+    }
+    /// How long a connection may idle between requests.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs.max(1))
     }
     /// The header read deadline.
     pub fn header_read_timeout(&self) -> Duration {
@@ -166,6 +184,14 @@ pub struct ListenerConfig {
     /// never believed.
     #[serde(default)]
     pub client_ip_header: ClientIpHeader,
+    /// The most connections this listener holds (default `[limits] max_connections`); each
+    /// listener has its own, so one network cannot exhaust another's.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// The most connections one source holds on this listener (default `[limits]
+    /// max_connections_per_source`).
+    #[serde(default)]
+    pub max_connections_per_source: Option<usize>,
 }
 
 /// Which forwarding header a listener's trusted proxies set.

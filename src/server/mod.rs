@@ -1,10 +1,20 @@
-//! The listeners: a shared connection cap, an optional PROXY v2 preamble from trusted proxies, TLS
-//! under a deadline (with client certificates where configured), hyper with bounds, and graceful
-//! shutdown.
+//! The listeners: a connection cap per listener and per source (shedding idle connections under
+//! pressure, [`pressure`]), an optional PROXY v2 preamble from trusted proxies, TLS (with client
+//! certificates where configured), hyper with bounds, a timer from accept to the first request
+//! and an idle timer between requests, and graceful shutdown.
+//!
+//! Every stall has a bound: from accept, a connection has `first_request_timeout_secs` to deliver
+//! its first request head (PROXY header, TLS handshake and protocol detection included; the TLS
+//! handshake alone also has `tls_handshake_timeout_secs`); between requests it may idle
+//! `idle_timeout_secs`, HTTP/1 keep-alive and HTTP/2 alike (a client answering pings gains
+//! nothing: the timer counts requests, not bytes), then it is closed (HTTP/2: GOAWAY, then
+//! close). Both timers shorten as the listener fills.
 //!
 //! `run(app, endpoints, shutdown)` serves every endpoint until `shutdown` resolves, then stops
 //! accepting, lets in-flight requests finish (each is audited), and returns once every connection
 //! is done or the drain deadline passes.
+
+pub mod pressure;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,10 +25,12 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use pressure::{Admission, ConnState, Registry};
 
 use crate::api::{self, App, ConnInfo};
 use crate::audit::Reason;
@@ -92,12 +104,27 @@ impl Drop for OpenConnection {
     }
 }
 
+/// How long a connection asked to close (idle, shed, shutdown) may take to finish the requests it
+/// has in flight before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How often a connection's timers are looked at.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
 /// What every accept loop shares.
 struct Shared {
     app: Arc<App>,
-    connections: Arc<Semaphore>,
-    caps: Arc<ConnectionCaps>,
     builder: auto::Builder<TokioExecutor>,
+    /// Set when shutdown begins.
+    stopping: watch::Receiver<bool>,
+}
+
+/// What one listener's connections share.
+struct Listener {
+    config: Arc<ListenerConfig>,
+    tls: Option<Arc<ListenerTls>>,
+    registry: Arc<Registry>,
+    caps: Arc<ConnectionCaps>,
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -174,87 +201,122 @@ async fn read_proxy_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, St
 
 /// Serves every endpoint until `shutdown` resolves, then drains.
 pub async fn run(app: Arc<App>, endpoints: Vec<Endpoint>, shutdown: impl Future<Output = ()>) {
+    let (stop, stopping) = watch::channel(false);
     let shared = Arc::new(Shared {
-        connections: Arc::new(Semaphore::new(app.limits.max_connections.max(1))),
-        caps: Arc::new(ConnectionCaps::new(
-            app.limits.max_connections_per_source,
-            app.limiters.ipv6_prefix(),
-        )),
         builder: http_builder(&app.limits),
+        stopping: stopping.clone(),
         app,
     });
-    let (stop, stopped) = watch::channel(false);
+    let limits = &shared.app.limits;
+    let mut registries = Vec::new();
     let mut loops = tokio::task::JoinSet::new();
     for endpoint in endpoints {
-        loops.spawn(accept_loop(shared.clone(), endpoint, stopped.clone()));
+        let listener = Listener {
+            registry: Registry::new(
+                endpoint
+                    .config
+                    .max_connections
+                    .unwrap_or(limits.max_connections),
+            ),
+            caps: Arc::new(ConnectionCaps::new(
+                endpoint
+                    .config
+                    .max_connections_per_source
+                    .unwrap_or(limits.max_connections_per_source),
+                shared.app.limiters.ipv6_prefix(),
+            )),
+            config: endpoint.config,
+            tls: endpoint.tls,
+        };
+        registries.push(listener.registry.clone());
+        loops.spawn(accept_loop(
+            shared.clone(),
+            Arc::new(listener),
+            endpoint.tcp,
+            stopping.clone(),
+        ));
     }
     shutdown.await;
     let _ = stop.send(true);
-    // Each accept loop hands back the shutdown handle of its connections; all drain together.
-    let mut draining = Vec::new();
-    while let Some(finished) = loops.join_next().await {
-        if let Ok(graceful) = finished {
-            draining.push(graceful.shutdown());
-        }
-    }
-    tokio::select! {
-        _ = futures_util::future::join_all(draining) => tracing::info!("all connections drained"),
-        () = tokio::time::sleep(DRAIN_DEADLINE) => tracing::warn!("connections still open after the drain deadline"),
+    while loops.join_next().await.is_some() {}
+    let deadline = Instant::now() + DRAIN_DEADLINE;
+    futures_util::future::join_all(registries.iter().map(|r| r.drain(deadline))).await;
+    if registries.iter().all(|r| r.is_empty()) {
+        tracing::info!("all connections drained");
+    } else {
+        tracing::warn!("connections still open after the drain deadline");
     }
 }
 
-/// Accepts on one endpoint until `stopped`; returns the handle that drains its connections.
+/// Accepts on one endpoint until `stopped`.
 async fn accept_loop(
     shared: Arc<Shared>,
-    endpoint: Endpoint,
+    listener: Arc<Listener>,
+    tcp_listener: TcpListener,
     mut stopped: watch::Receiver<bool>,
-) -> GracefulShutdown {
-    let graceful = GracefulShutdown::new();
+) {
     loop {
-        let permit = tokio::select! {
-            permit = shared.connections.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return graceful,
-            },
-            _ = stopped.changed() => return graceful,
-        };
         let (tcp, peer) = tokio::select! {
-            accepted = endpoint.tcp.accept() => match accepted {
+            accepted = tcp_listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Typically EMFILE: back off instead of spinning.
-                    tracing::warn!(listener = %endpoint.config.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %listener.config.name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = stopped.changed() => return graceful,
+            _ = stopped.changed() => return,
         };
         shared.app.metrics.connections.inc();
+        let admitted = match listener.registry.admit() {
+            Admission::Admitted(a) => a,
+            Admission::Shed(a) => {
+                shared.app.metrics.connections_shed.inc();
+                a
+            }
+            Admission::Full => {
+                // Every connection has a request in flight: nothing to shed, and waiting would
+                // only hold this socket too.
+                shared.app.metrics.connections_refused.inc();
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        let watcher = graceful.watcher();
-        let (shared, config, tls) = (
-            shared.clone(),
-            endpoint.config.clone(),
-            endpoint.tls.clone(),
-        );
+        let (shared, listener) = (shared.clone(), listener.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            connection(shared, config, tls, tcp, peer, watcher).await;
+            let state = admitted.state.clone();
+            tokio::select! {
+                () = connection(&shared, &listener, state.clone(), tcp, peer) => {}
+                // Shed before it was serving (PROXY header, TLS): dropped at once. Once
+                // serving, `serve` closes it itself.
+                () = async {
+                    state.shed_requested().await;
+                    if state.is_serving() {
+                        std::future::pending::<()>().await;
+                    }
+                } => {}
+            }
+            drop(admitted);
         });
     }
 }
 
 async fn connection(
-    shared: Arc<Shared>,
-    config: Arc<ListenerConfig>,
-    tls: Option<Arc<ListenerTls>>,
+    shared: &Shared,
+    listener: &Listener,
+    state: Arc<ConnState>,
     mut tcp: TcpStream,
     mut peer: SocketAddr,
-    watcher: Watcher,
 ) {
     let app = &shared.app;
-    let deadline = app.limits.tls_handshake_timeout();
+    let config = listener.config.clone();
+    let limits = &app.limits;
+    // From accept to the first request head: this deadline bounds the PROXY header and the TLS
+    // handshake too; the handshake alone also has its own (shorter by default) bound.
+    let first_request_by =
+        state.accepted() + listener.registry.scaled(limits.first_request_timeout());
+    let handshake_by = first_request_by.min(Instant::now() + limits.tls_handshake_timeout());
     let mut proxied_by = None;
     if config.proxy_protocol {
         // Only a trusted proxy may say who the client is.
@@ -263,7 +325,7 @@ async fn connection(
             tracing::info!(%peer, listener = %config.name, "PROXY header expected from an untrusted peer; closed");
             return;
         }
-        match tokio::time::timeout(deadline, read_proxy_header(&mut tcp)).await {
+        match tokio::time::timeout_at(handshake_by, read_proxy_header(&mut tcp)).await {
             Ok(Ok(Some(source))) => {
                 proxied_by = Some(peer);
                 peer = source;
@@ -282,12 +344,12 @@ async fn connection(
     }
     // A source holding its share of connections gets no more: closing at once is cheaper than any
     // answer, and the slot it would take stays free for others.
-    let Some(_slot) = shared.caps.admit(peer.ip()) else {
+    let Some(_slot) = listener.caps.admit(peer.ip()) else {
         app.metrics.connections_refused.inc();
         return;
     };
     let _open = OpenConnection::new(&app.metrics.connections_open);
-    let Some(tls) = tls else {
+    let Some(tls) = listener.tls.clone() else {
         let conn = ConnInfo {
             peer,
             proxied_by,
@@ -295,10 +357,10 @@ async fn connection(
             client_cert: None,
             listener: config,
         };
-        serve(&shared, TokioIo::new(tcp), conn, watcher).await;
+        serve(shared, listener, state, TokioIo::new(tcp), conn).await;
         return;
     };
-    let stream = match tokio::time::timeout(deadline, tls.acceptor().accept(tcp)).await {
+    let stream = match tokio::time::timeout_at(handshake_by, tls.acceptor().accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             app.metrics.tls_handshake_failures.inc();
@@ -322,24 +384,105 @@ async fn connection(
             .map(|leaf| ClientCert::from_der(leaf)),
         listener: config,
     };
-    serve(&shared, TokioIo::new(stream), conn, watcher).await;
+    serve(shared, listener, state, TokioIo::new(stream), conn).await;
 }
 
-/// Serves HTTP/1 or HTTP/2 on one connection; requests hyper refuses before routing are audited
-/// when the connection ends.
-async fn serve<I>(shared: &Shared, io: TokioIo<I>, conn: ConnInfo, watcher: Watcher)
-where
+/// Counts a request on its connection for as long as it runs (also when its client goes away
+/// and hyper drops it).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn new(state: &Arc<ConnState>) -> Self {
+        state.request_started();
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// Why a connection is being closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// No first request before the deadline.
+    FirstRequestTimeout,
+    /// Idle between requests past the idle timeout.
+    IdleTimeout,
+    /// Shed to make room, or shutdown.
+    Asked,
+}
+
+/// Serves HTTP/1 or HTTP/2 on one connection, under its timers; requests hyper refuses before
+/// routing are audited when the connection ends.
+async fn serve<I>(
+    shared: &Shared,
+    listener: &Listener,
+    state: Arc<ConnState>,
+    io: TokioIo<I>,
+    conn: ConnInfo,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    state.set_serving();
     let conn = Arc::new(conn);
     let app = shared.app.clone();
     let service_conn = conn.clone();
+    let service_state = state.clone();
     let service = service_fn(move |req| {
         let (app, conn) = (app.clone(), service_conn.clone());
-        async move { Ok::<_, Infallible>(api::serve(app, conn, req).await) }
+        let in_flight = InFlight::new(&service_state);
+        async move {
+            let response = api::serve(app, conn, req).await;
+            drop(in_flight);
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = shared.builder.serve_connection(io, service);
-    if let Err(e) = watcher.watch(connection.into_owned()).await {
+    tokio::pin!(connection);
+    let limits = &shared.app.limits;
+    let mut stopping = shared.stopping.clone();
+    let mut tick = tokio::time::interval(TIMER_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing: Option<(Closing, Instant)> = None;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = state.shed_requested(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some((Closing::Asked, Instant::now() + CLOSE_GRACE));
+            }
+            _ = stopping.changed(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some((Closing::Asked, Instant::now() + DRAIN_DEADLINE));
+            }
+            _ = tick.tick() => {
+                if let Some((why, by)) = closing {
+                    if Instant::now() >= by {
+                        tracing::debug!(peer = %conn.peer, ?why, "connection dropped after its grace period");
+                        break Ok(());
+                    }
+                    continue;
+                }
+                if state.active() > 0 {
+                    continue;
+                }
+                let (why, limit) = if state.served() == 0 {
+                    (Closing::FirstRequestTimeout, limits.first_request_timeout())
+                } else {
+                    (Closing::IdleTimeout, limits.idle_timeout())
+                };
+                if state.waiting_since().elapsed() >= listener.registry.scaled(limit) {
+                    shared.app.metrics.connections_timed_out.inc();
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some((why, Instant::now() + CLOSE_GRACE));
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(peer = %conn.peer, error = %e, "connection ended with an error");
         if let Some((status, reason)) = unparsed_refusal(e.as_ref()) {
             api::audit_unparsed_request(&shared.app, &conn, status, reason).await;
