@@ -21,7 +21,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | typed configuration; every file and secret is read and validated here, at load |
-//! | [`server`] | accept loop, connection semaphore, timeouts, graceful shutdown |
+//! | [`server`] | accept loops, per-listener caps and shedding ([`server::pressure`]), first-request and idle timers, graceful shutdown |
 //! | [`tls`] | rustls server configuration (ring provider), client-certificate verifier, PEM loading, reload on SIGHUP |
 //! | [`identity`] | who is calling: client certificates, signed proxy headers, the token file, Keystone tokens ([`identity::keystone`]); no policy decisions |
 //! | [`microversion`] | the compute API microversion a request asks for, read as Nova reads it |

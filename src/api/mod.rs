@@ -381,6 +381,12 @@ pub fn store_failure(error: &StoreError) -> ApiError {
         StoreError::GateRefused { .. } => ApiError::audit_unavailable(),
         StoreError::Corrupt(_) => ApiError::integrity(),
         StoreError::KeyExhausted(_) => ApiError::key_exhausted(),
+        StoreError::DeadlinePassed => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::StoreUnavailable,
+            "The request ran out of time before the store could take it; nothing was changed.",
+        )
+        .with_retry_after(1),
         _ => ApiError::store_unavailable(),
     }
 }
@@ -443,9 +449,12 @@ async fn handle<B: RequestBody>(
         microversion: None,
         credentialed: false,
     };
-    let routed = AssertUnwindSafe(route(&app, &mut ex, req))
-        .catch_unwind()
-        .await;
+    // No store operation starts after the request's deadline (crate::store::DEADLINE).
+    let store_deadline = tokio::time::Instant::from_std(ex.deadline);
+    let routed =
+        AssertUnwindSafe(crate::store::DEADLINE.scope(store_deadline, route(&app, &mut ex, req)))
+            .catch_unwind()
+            .await;
     let response = match routed {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => respond::error(&mut ex.facts, &e),

@@ -130,14 +130,17 @@ impl WriterHealth {
 /// A pending acknowledgement.
 pub struct AuditTicket {
     ack: Result<oneshot::Receiver<Result<(), AuditError>>, AuditError>,
-    timeout: Duration,
+    /// Fixed when the event was queued, not when the ticket is awaited: a store batch waiting
+    /// for many tickets waits at most one `ack_timeout` for all of them.
+    deadline: tokio::time::Instant,
 }
 
 impl AuditTicket {
-    /// Waits for the writer's acknowledgement, at most the configured deadline.
+    /// Waits for the writer's acknowledgement, at most until `ack_timeout` after the event was
+    /// queued.
     pub async fn wait(self) -> Result<(), AuditError> {
         let rx = self.ack?;
-        match tokio::time::timeout(self.timeout, rx).await {
+        match tokio::time::timeout_at(self.deadline, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(AuditError::Stopped),
             Err(_) => Err(AuditError::Timeout),
@@ -228,7 +231,7 @@ impl Auditor {
         };
         AuditTicket {
             ack,
-            timeout: self.ack_timeout,
+            deadline: tokio::time::Instant::now() + self.ack_timeout,
         }
     }
 
@@ -241,14 +244,16 @@ impl Auditor {
             durability,
             ack,
         };
-        match self.tx.send_timeout(item, self.ack_timeout).await {
-            Ok(()) => {}
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => return Err(AuditError::QueueFull),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(AuditError::Stopped),
+        // One deadline for the wait for queue space and for the acknowledgement together.
+        let deadline = tokio::time::Instant::now() + self.ack_timeout;
+        match tokio::time::timeout_at(deadline, self.tx.send(item)).await {
+            Ok(Ok(())) => {}
+            Err(_) => return Err(AuditError::QueueFull),
+            Ok(Err(_)) => return Err(AuditError::Stopped),
         }
         AuditTicket {
             ack: Ok(rx),
-            timeout: self.ack_timeout,
+            deadline,
         }
         .wait()
         .await
@@ -263,7 +268,7 @@ impl Auditor {
             .map_err(|_| AuditError::Stopped)?;
         AuditTicket {
             ack: Ok(rx),
-            timeout: self.ack_timeout,
+            deadline: tokio::time::Instant::now() + self.ack_timeout,
         }
         .wait()
         .await
@@ -287,7 +292,7 @@ impl Auditor {
         }
         AuditTicket {
             ack: Ok(rx),
-            timeout: self.ack_timeout,
+            deadline: tokio::time::Instant::now() + self.ack_timeout,
         }
         .wait()
         .await
@@ -619,5 +624,24 @@ impl Writer {
             }
         }
         Err(io::Error::other("no free audit file name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tickets_deadline_runs_from_when_its_event_was_queued() {
+        let (_writer_never_answers, rx) = oneshot::channel::<Result<(), AuditError>>();
+        let ticket = AuditTicket {
+            ack: Ok(rx),
+            deadline: tokio::time::Instant::now() + Duration::from_secs(5),
+        };
+        // Awaited late (after other tickets of its batch): it does not get another 5 s.
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let waited = tokio::time::Instant::now();
+        assert!(matches!(ticket.wait().await, Err(AuditError::Timeout)));
+        assert_eq!(waited.elapsed(), Duration::from_secs(1));
     }
 }

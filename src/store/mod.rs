@@ -237,6 +237,44 @@ pub enum StoreError {
     /// The database holds data this code cannot read (bad shape, newer schema).
     #[error("store data is inconsistent: {0}")]
     Corrupt(String),
+    /// The request's deadline passed before the operation could start; nothing was done.
+    #[error("the request's deadline passed before the store operation started")]
+    DeadlinePassed,
+}
+
+tokio::task_local! {
+    /// The deadline of the request the store is working for (set around each request by the
+    /// API): no store operation starts after it, and waiting for the writer's queue stops there.
+    /// Operations metapass performs by itself run without one.
+    pub static DEADLINE: tokio::time::Instant;
+}
+
+/// The current request's deadline, if the store is called on behalf of one.
+pub fn request_deadline() -> Option<tokio::time::Instant> {
+    DEADLINE.try_with(|d| *d).ok()
+}
+
+/// `Err(DeadlinePassed)` if the current request's deadline has passed: called before an
+/// operation starts.
+pub fn check_deadline() -> Result<(), StoreError> {
+    match request_deadline() {
+        Some(d) if tokio::time::Instant::now() >= d => Err(StoreError::DeadlinePassed),
+        _ => Ok(()),
+    }
+}
+
+/// Runs `operation` under the current request's deadline, if any (for reads and for waits that
+/// change nothing when abandoned).
+pub async fn within_deadline<T>(
+    operation: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    check_deadline()?;
+    match request_deadline() {
+        Some(d) => tokio::time::timeout_at(d, operation)
+            .await
+            .unwrap_or(Err(StoreError::DeadlinePassed)),
+        None => operation.await,
+    }
 }
 
 /// The storage operations metapass needs. Implemented by [`sqlite::SqliteStore`] and

@@ -238,8 +238,9 @@ impl PostgresStore {
         })
     }
 
+    /// A pooled connection: not after the request's deadline, nor waiting for one past it.
     async fn conn(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(pool_err)
+        super::within_deadline(async { self.pool.get().await.map_err(pool_err) }).await
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

@@ -81,6 +81,8 @@ trait Job: Send {
     fn purges(&self) -> bool;
     /// Delivers the result: `None` if the batch committed, or why this job's work was lost.
     fn finish(self: Box<Self>, failure: Option<StoreError>);
+    /// The deadline of the request it works for: past it, the job is not started.
+    fn deadline(&self) -> Option<tokio::time::Instant>;
 }
 
 struct TypedJob<O, F> {
@@ -89,6 +91,7 @@ struct TypedJob<O, F> {
     outcome: Option<O>,
     reply: Option<oneshot::Sender<Result<O, StoreError>>>,
     purges: bool,
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl<O, F> Job for TypedJob<O, F>
@@ -107,6 +110,10 @@ where
 
     fn purges(&self) -> bool {
         self.purges
+    }
+
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
     }
 
     fn finish(mut self: Box<Self>, failure: Option<StoreError>) {
@@ -188,11 +195,12 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` on a pooled read-only connection.
+    /// Runs `f` on a pooled read-only connection (not after the request's deadline).
     fn read<R>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
+        super::check_deadline()?;
         let pooled = self
             .readers
             .lock()
@@ -216,6 +224,8 @@ impl SqliteStore {
         O: Send + 'static,
         F: FnOnce(&Connection) -> Result<O, StoreError> + Send + 'static,
     {
+        super::check_deadline()?;
+        let deadline = super::request_deadline();
         let (reply, result) = oneshot::channel();
         let job = TypedJob {
             run: Some(run),
@@ -223,11 +233,20 @@ impl SqliteStore {
             outcome: None,
             reply: Some(reply),
             purges,
+            deadline,
         };
-        self.jobs
-            .send(Box::new(job))
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
+        // Waiting for a place in the queue changes nothing, so it stops at the deadline; the
+        // writer then skips a job whose deadline passed before its batch began.
+        let queued = self.jobs.send(Box::new(job));
+        let queued = match deadline {
+            Some(d) => tokio::time::timeout_at(d, queued)
+                .await
+                .map_err(|_| StoreError::DeadlinePassed)?,
+            None => queued.await,
+        };
+        queued.map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
+        // Once queued, the job's answer is awaited whatever the time: it may already be part of
+        // a batch that commits, and each batch is bounded (one audit deadline, the busy timeout).
         result
             .await
             .map_err(|_| StoreError::Unavailable("the writer thread dropped the job".into()))?
@@ -304,7 +323,17 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        run_batch(&mut conn, batch, &runtime);
+        // No job starts after its request's deadline (it waited behind a slow batch).
+        let now = tokio::time::Instant::now();
+        let (late, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|job| job.deadline().is_some_and(|d| now >= d));
+        for job in late {
+            job.finish(Some(StoreError::DeadlinePassed));
+        }
+        if !batch.is_empty() {
+            run_batch(&mut conn, batch, &runtime);
+        }
     }
     tracing::debug!("SQLite writer stopped: no more senders");
 }
@@ -351,17 +380,17 @@ fn run_batch(
         }
     }
 
-    // Wait for every gate (the audit events of the whole batch), then commit once.
-    let verdicts: Vec<Option<bool>> = runtime.block_on(async {
-        let mut verdicts = Vec::with_capacity(tickets.len());
-        for ticket in tickets {
-            verdicts.push(match ticket {
+    // Wait for every gate (the audit events of the whole batch) together, then commit once: the
+    // batch waits as long as its slowest ticket (each bounded by its own deadline, fixed when its
+    // event was queued), never the sum of them.
+    let verdicts: Vec<Option<bool>> = runtime.block_on(futures_util::future::join_all(
+        tickets.into_iter().map(|ticket| async move {
+            match ticket {
                 Some(t) => Some(t.await.is_ok()),
                 None => None,
-            });
-        }
-        verdicts
-    });
+            }
+        }),
+    ));
     let gates_passed = verdicts.iter().all(|v| *v != Some(false));
     // A job that ran (it has a verdict) but whose savepoint could not be released is in an
     // unknown state: do not commit it.
@@ -912,6 +941,97 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use super::super::{Gate, GateDenied, Store};
+    use super::*;
+    use crate::ids::{InstanceId, ProjectId};
+
+    /// A gate whose audit event never lands: its ticket gives up `after` it is first awaited
+    /// (the least favourable timer: the batch must not await its tickets one after another).
+    fn stuck_gate<O>(after: Duration) -> Gate<O> {
+        Box::new(move |_| {
+            Box::pin(async move {
+                tokio::time::sleep(after).await;
+                Err(GateDenied("the audit log did not answer".into()))
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_audit_log_fails_a_whole_batch_within_one_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(SqliteStore::open(&dir.path().join("db.sqlite3")).unwrap());
+        let project = ProjectId::parse("project-a").unwrap();
+        // A first job holds the writer briefly, so the next twenty queue up into one batch.
+        let first = {
+            let (store, project) = (store.clone(), project.clone());
+            tokio::spawn(async move {
+                let id = InstanceId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
+                let slow_but_fine: Gate<_> = Box::new(|_| {
+                    Box::pin(async {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        Ok(())
+                    })
+                });
+                store.register(&id, &project, slow_but_fine).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ack_timeout = Duration::from_millis(500);
+        let started = std::time::Instant::now();
+        let jobs: Vec<_> = (0..20)
+            .map(|_| {
+                let (store, project) = (store.clone(), project.clone());
+                tokio::spawn(async move {
+                    let id = InstanceId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
+                    store.register(&id, &project, stuck_gate(ack_timeout)).await
+                })
+            })
+            .collect();
+        for job in jobs {
+            assert!(matches!(
+                job.await.unwrap(),
+                Err(StoreError::GateRefused { gate_passed: false })
+            ));
+        }
+        // Bounded by the first job and one audit deadline for the whole batch (not twenty).
+        assert!(
+            started.elapsed() < Duration::from_millis(300) + 4 * ack_timeout,
+            "the batch took {:?}",
+            started.elapsed()
+        );
+        assert!(first.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn no_job_starts_after_its_requests_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db.sqlite3")).unwrap();
+        let project = ProjectId::parse("project-a").unwrap();
+        let id = InstanceId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
+        let past = tokio::time::Instant::now() - Duration::from_millis(1);
+        let gate_called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let called = gate_called.clone();
+        let gate: Gate<_> = Box::new(move |_| {
+            called.store(true, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        });
+        let result = super::super::DEADLINE
+            .scope(past, store.register(&id, &project, gate))
+            .await;
+        assert!(matches!(result, Err(StoreError::DeadlinePassed)));
+        assert!(!gate_called.load(std::sync::atomic::Ordering::SeqCst));
+        let read = super::super::DEADLINE
+            .scope(past, store.instance(&id))
+            .await;
+        assert!(matches!(read, Err(StoreError::DeadlinePassed)));
+        assert!(
+            store.instance(&id).await.unwrap().is_none(),
+            "nothing was registered"
+        );
+    }
+
     #[test]
     fn the_chunk_pattern_in_the_sql_names_the_password_field() {
         // The statements spell `'password_*'` out (see `delete_chunks`).
