@@ -463,6 +463,16 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
                 notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         });
+        // Refusals before authentication are written as one event per source and window.
+        let aggregator = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(metapass::audit::aggregate::WINDOW / 2);
+            loop {
+                tick.tick().await;
+                metapass::api::flush_refusals(&aggregator, false).await;
+            }
+        });
+        let final_refusals = app.clone();
         let shutdown_app = app.clone();
         let shutdown = async move {
             shutdown_signal().await;
@@ -471,6 +481,7 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
             shutdown_app.shutting_down.store(true, Ordering::SeqCst);
         };
         server::run(app, endpoints, shutdown).await;
+        metapass::api::flush_refusals(&final_refusals, true).await;
         auditor
             .flush()
             .await

@@ -23,6 +23,26 @@ fn daemon_with(limits: &str, edit: impl FnOnce(String) -> String) -> Daemon {
     Daemon::start_with(&config, dir)
 }
 
+/// Whether the aggregate event `e` lists request `id`.
+fn listed(e: &serde_json::Value, id: &str) -> bool {
+    e["unmapped"]["aggregated_request_ids"]
+        .as_array()
+        .is_some_and(|ids| ids.iter().any(|i| i == id))
+}
+
+/// The audit events once every one of `ids` is listed in an aggregate (their window ends within
+/// about a second; bounded at 10 s).
+async fn aggregates_listing(daemon: &Daemon, ids: &[String]) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        let events = daemon.audit_events();
+        if ids.iter().all(|id| events.iter().any(|e| listed(e, id))) {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("refused requests never appeared in an aggregate event");
+}
+
 const ROOMY: &str = "global = { per_second = 100000, burst = 100000 }\n";
 
 fn limits(
@@ -73,12 +93,6 @@ async fn a_source_over_its_limit_gets_503_on_the_instance_api_and_429_elsewhere(
         .await;
     assert_eq!(owner.status, 429);
     assert!(owner.header("retry-after").is_some());
-    let events = daemon.audit_events();
-    for reply in [&limited, &owner] {
-        let event = event_for(&events, &reply.request_id());
-        assert_eq!(event["unmapped"]["reason"], "rate_limited");
-        assert_eq!(event["unmapped"]["outcome"], "denied");
-    }
     // After Retry-After, the source is served again.
     tokio::time::sleep(Duration::from_secs(retry)).await;
     assert_eq!(
@@ -90,6 +104,21 @@ async fn a_source_over_its_limit_gets_503_on_the_instance_api_and_429_elsewhere(
         metrics.status, 429,
         "the scrape is limited like anything else from this source"
     );
+    // Refused before authentication: counted in the source's aggregate event for the window,
+    // each request id listed there (and only there).
+    let events = aggregates_listing(&daemon, &[limited.request_id(), owner.request_id()]).await;
+    for reply in [&limited, &owner] {
+        let id = reply.request_id();
+        assert!(!events.iter().any(|e| e["metadata"]["uid"] == id.as_str()));
+        let event = events
+            .iter()
+            .find(|e| listed(e, &id))
+            .expect("an aggregate lists the refused request");
+        assert_eq!(event["api"]["operation"], "rate_limit:aggregate");
+        assert_eq!(event["unmapped"]["reason"], "rate_limited");
+        assert_eq!(event["unmapped"]["outcome"], "denied");
+        assert_eq!(event["src_endpoint"]["ip"], "127.0.0.1");
+    }
 }
 
 #[tokio::test]
@@ -442,4 +471,125 @@ async fn one_guest_flooding_through_the_proxy_never_starves_another() {
             && e["message"].as_str().unwrap().contains("(instance)")),
         "only the instance limit refused anyone"
     );
+}
+
+/// Sends `GET /nowhere` from `local` on one keep-alive connection until `until`; returns how many
+/// it sent.
+async fn anonymous_flood(
+    client: &Client,
+    local: Ipv4Addr,
+    server: SocketAddr,
+    until: Instant,
+) -> usize {
+    let tcp = connect_from(local, server).await;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")
+        .unwrap()
+        .to_owned();
+    let stream = client.connector().connect(name, tcp).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut sent = 0;
+    while Instant::now() < until && sent < 2000 {
+        if sender.ready().await.is_err() {
+            break;
+        }
+        match sender.send_request(get_request("/nowhere")).await {
+            Ok(r) => {
+                let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_flood_writes_a_bounded_amount_of_audit_log_per_source() {
+    // Per source: a burst of 10, then 2 per second.
+    let daemon = daemon_with(&limits((2, 10), (1000, 1000), (1000, 1000), 1), |t| t);
+    let client = daemon.client();
+    let sources: Vec<Ipv4Addr> = (2..6).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let started = Instant::now();
+    let until = started + Duration::from_secs(3);
+    let floods = sources
+        .iter()
+        .map(|s| anonymous_flood(&client, *s, daemon.addr, until));
+    let sent: Vec<usize> = futures_util::future::join_all(floods).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    // Wait for the last windows' aggregates.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let events = daemon.audit_events();
+    for (source, sent) in sources.iter().zip(&sent) {
+        let ip = source.to_string();
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e["src_endpoint"]["ip"] == ip.as_str())
+            .collect();
+        let (aggregates, full): (Vec<&serde_json::Value>, Vec<&serde_json::Value>) = mine
+            .iter()
+            .copied()
+            .partition(|e| e["api"]["operation"] == "rate_limit:aggregate");
+        let counted: u64 = aggregates
+            .iter()
+            .map(|e| e["unmapped"]["aggregated_count"].as_u64().unwrap())
+            .sum();
+        // Every request is accounted for: in an event of its own or counted in an aggregate.
+        assert_eq!(full.len() as u64 + counted, *sent as u64, "{ip}");
+        assert!(*sent > 100, "{ip} sent only {sent}");
+        // The documented bound: burst + rate x seconds full events, one aggregate per second.
+        let full_bound = 10.0 + 2.0 * elapsed + 2.0;
+        assert!(
+            (full.len() as f64) <= full_bound,
+            "{ip}: {} full events (bound {full_bound})",
+            full.len()
+        );
+        assert!(
+            (aggregates.len() as f64) <= elapsed + 2.0,
+            "{ip}: {} aggregates",
+            aggregates.len()
+        );
+        let bytes: usize = mine.iter().map(|e| e.to_string().len()).sum();
+        assert!(
+            bytes <= full.len() * 2048 + aggregates.len() * 4096,
+            "{ip}: {bytes} bytes"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_free_space_watermark_turns_readyz_unready_before_the_disk_is_full() {
+    use std::io::Write;
+    // A 4 MiB audit disk, unready below 3 MiB free.
+    let daemon = common::small_disk::daemon_with_audit_disk("4m", |t| {
+        t.replace(
+            "max_file_bytes = 67108864",
+            "max_file_bytes = 67108864\nmin_free_bytes = 3145728",
+        )
+    });
+    let client = daemon.client();
+    let first = client.get("/readyz", &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let ballast = common::small_disk::audit_dir_inside(&daemon).join("ballast");
+    let mut f = std::fs::File::create(&ballast).unwrap();
+    f.write_all(&vec![0u8; 2 * 1024 * 1024]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let ready = client.get("/readyz", &[]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.json()["audit_space"], false);
+    assert_eq!(ready.json()["audit"], true, "the log itself still writes");
+    // Requests are still served and audited: the watermark is ahead of the full disk.
+    let id = new_instance();
+    client.register(&id, "project-a").await;
+    assert_eq!(
+        client.post_password(&id, "project-a", "blob").await.status,
+        200
+    );
+    std::fs::remove_file(&ballast).unwrap();
+    let again = client.get("/readyz", &[]).await;
+    assert_eq!(again.status, 200, "{}", again.text());
 }

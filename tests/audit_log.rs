@@ -356,43 +356,21 @@ async fn verify_names_the_first_bad_sequence_number_for_every_kind_of_tampering(
     assert!(out.contains("first bad sequence number 1"), "{out}");
 }
 
-/// The daemon with its audit log on a 1 MiB tmpfs in a private mount namespace, reachable from here
-/// through /proc/<pid>/root.
+/// The daemon with its audit log on a 1 MiB tmpfs in a private mount namespace.
 fn daemon_with_small_audit_disk() -> Daemon {
-    let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("data/audit");
-    std::fs::create_dir_all(&audit).unwrap();
-    let script = format!(
-        "mount -t tmpfs -o size=1m,mode=0700 tmpfs {} && exec \"$@\"",
-        audit.display()
-    );
-    let config = config_with(dir.path(), |t| {
+    common::small_disk::daemon_with_audit_disk("1m", |t| {
         t.replace("ack_timeout_ms = 5000", "ack_timeout_ms = 1000")
-    });
-    Daemon::start_wrapped(
-        &config,
-        dir,
-        &[
-            "unshare",
-            "--user",
-            "--map-root-user",
-            "--mount",
-            "sh",
-            "-c",
-            &script,
-            "sh",
-        ],
-    )
+            .replace(
+                "max_file_bytes = 67108864",
+                "max_file_bytes = 67108864\nmin_free_bytes = 0",
+            )
+    })
 }
 
 /// Fills the daemon's audit filesystem to the last byte; returns the ballast file.
 fn fill(daemon: &Daemon) -> PathBuf {
     use std::io::Write;
-    let ballast = PathBuf::from(format!(
-        "/proc/{}/root{}/ballast",
-        daemon.pid(),
-        daemon.audit_dir().display()
-    ));
+    let ballast = common::small_disk::audit_dir_inside(daemon).join("ballast");
     let mut f = std::fs::File::create(&ballast).expect("ballast in the daemon's tmpfs");
     let block = vec![0u8; 4096];
     while f.write_all(&block).is_ok() {}

@@ -19,8 +19,22 @@ struct Readiness {
     status: &'static str,
     store: bool,
     audit: bool,
+    /// The log's filesystem has at least `[audit] min_free_bytes` free.
+    audit_space: bool,
     keys: bool,
     shutting_down: bool,
+}
+
+/// Whether the audit log's filesystem has at least `min` bytes free for an unprivileged writer
+/// (`statvfs`'s `f_bavail`). A filesystem that cannot be asked counts as full.
+pub fn audit_space_left(dir: &std::path::Path, min: u64) -> bool {
+    if min == 0 {
+        return true;
+    }
+    match rustix::fs::statvfs(dir) {
+        Ok(v) => v.f_bavail.saturating_mul(v.f_frsize) >= min,
+        Err(_) => false,
+    }
 }
 
 /// Handles `/healthz`, `/readyz` and `/metrics`.
@@ -79,10 +93,11 @@ pub async fn handle<B: super::RequestBody>(
         status: "ready",
         store: app.store.ping().await.is_ok(),
         audit: app.auditor.writable().await,
+        audit_space: audit_space_left(&app.audit_dir, app.audit_min_free_bytes),
         keys: app.keyring().key_ids().next().is_some(),
         shutting_down,
     };
-    if report.store && report.audit && report.keys && !shutting_down {
+    if report.store && report.audit && report.audit_space && report.keys && !shutting_down {
         Ok(respond::json(StatusCode::OK, &report))
     } else {
         ex.facts.reason = Reason::NotReady;

@@ -89,6 +89,12 @@ pub struct App {
     pub limiters: Limiters,
     /// How instances are identified (proxy-header mode, proxy certificate names).
     pub instance_auth: InstanceAuth,
+    /// The audit log's directory (its filesystem's free space decides readiness).
+    pub audit_dir: std::path::PathBuf,
+    /// `[audit] min_free_bytes`.
+    pub audit_min_free_bytes: u64,
+    /// Pre-authentication rate-limit refusals, counted into one event per source and window.
+    pub refusals: crate::audit::aggregate::Refusals,
     /// Registers unknown instances from Nova's database, when `[nova_lookup]` is configured.
     pub nova_lookup: Option<crate::nova::lookup::NovaLookup>,
     /// Set when shutdown begins: readiness turns false.
@@ -133,6 +139,9 @@ impl App {
             limits: config.limits,
             metrics,
             limiters: Limiters::new(&config.rate_limits),
+            refusals: crate::audit::aggregate::Refusals::new(config.rate_limits.max_keys),
+            audit_dir: config.audit.dir.clone(),
+            audit_min_free_bytes: config.audit.min_free_bytes,
             instance_auth: config.instance_auth,
             nova_lookup: config
                 .nova_lookup
@@ -197,6 +206,9 @@ pub struct Exchange {
     /// The request brought credentials to a route that verifies them, so it paid nothing to its
     /// source before authentication (see [`carries_credentials`]).
     pub credentialed: bool,
+    /// Refused by a rate limit before authentication: counted in an aggregate event
+    /// ([`crate::audit::aggregate`]) instead of one of its own.
+    aggregated: bool,
 }
 
 impl Exchange {
@@ -448,6 +460,7 @@ async fn handle<B: RequestBody>(
         gate_event: GateEvent::None,
         microversion: None,
         credentialed: false,
+        aggregated: false,
     };
     // No store operation starts after the request's deadline (crate::store::DEADLINE).
     let store_deadline = tokio::time::Instant::from_std(ex.deadline);
@@ -554,6 +567,8 @@ async fn route<B: RequestBody>(
     }
     ex.credentialed = carries_credentials(app, ex, path, req.headers());
     if let Err(limited) = app.limiters.before_auth(ex.facts.client, ex.credentialed) {
+        // Its client, not metapass, decides how fast these come: counted, not written one by one.
+        ex.aggregated = true;
         return Err(rate_limited(app, ex, limited));
     }
     if !ex.conn.listener.serves(ex.facts.surface) {
@@ -612,7 +627,9 @@ async fn finish(app: &App, mut ex: Exchange, mut response: Response<Body>) -> Re
         GateEvent::None => Some(false),
         GateEvent::NeedsCorrection => Some(true),
     };
-    if let Some(correction) = record {
+    if ex.aggregated && record == Some(false) {
+        app.refusals.add(&ex.facts, response.status().as_u16());
+    } else if let Some(correction) = record {
         ex.facts.corrects_earlier_event = correction;
         let status = response.status().as_u16();
         let line = encode(&ex.facts, status, ex.facts.started.elapsed());
@@ -682,6 +699,17 @@ fn audit_refusal(app: &App, ex: &mut Exchange, error: &AuditError) -> Response<B
     );
     drop(app.auditor.submit(line, Durability::Written));
     response
+}
+
+/// Writes the aggregate events of pre-authentication refusals whose window has ended (or all of
+/// them, at shutdown).
+pub async fn flush_refusals(app: &App, all: bool) {
+    for (facts, status) in app.refusals.take_due(all) {
+        let line = encode(&facts, status, facts.started.elapsed());
+        if let Err(e) = app.auditor.record(line, Durability::Written).await {
+            tracing::error!(error = %e, "could not audit aggregated refusals");
+        }
+    }
 }
 
 /// Records an event metapass caused itself (`operation`, e.g. `tls:reload`), with `reason` and a

@@ -24,6 +24,23 @@ pub const SCHEMA: &str = "metapass.audit/1";
 /// Attacker-controlled text (paths, claimed ids, user agents) is cut to this many bytes.
 pub const MAX_TEXT: usize = 256;
 
+/// The most of the path and user agent kept in the event of an unauthenticated caller that was
+/// refused: such clients choose those strings and how often they are refused, so their events
+/// stay small (about a kilobyte).
+pub const MAX_ANONYMOUS_TEXT: usize = 64;
+
+/// `s` cut to `max` bytes on a character boundary (no marker: the cut is documented).
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// How a request ended, in the terms a reviewer filters by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -365,6 +382,17 @@ pub struct Facts {
     pub previous_key_id: Option<u32>,
     /// Every data key held after a keyring load.
     pub key_ids: Vec<u32>,
+    /// For a `rate_limit:aggregate` event: the refusals it counts.
+    pub aggregate: Option<Aggregate>,
+}
+
+/// The refusals an aggregate event stands for (see [`super::aggregate`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregate {
+    /// How many requests were refused.
+    pub count: u64,
+    /// The first of their request ids (each was sent as its answer's `X-Request-Id`).
+    pub request_ids: Vec<String>,
 }
 
 /// Cuts attacker-controlled text to at most [`MAX_TEXT`] bytes on a character boundary.
@@ -428,6 +456,7 @@ impl Facts {
             key_id: None,
             previous_key_id: None,
             key_ids: Vec::new(),
+            aggregate: None,
         }
     }
 }
@@ -626,6 +655,10 @@ struct Unmapped<'a> {
     previous_key_id: Option<u32>,
     #[serde(skip_serializing_if = "<[u32]>::is_empty")]
     key_ids: &'a [u32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aggregated_count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aggregated_request_ids: Option<&'a [String]>,
 }
 
 #[derive(Serialize)]
@@ -679,6 +712,8 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
     };
     let (type_id, type_name) = user_type(facts.caller.kind);
     let caller = &facts.caller;
+    // Refused before anyone was authenticated: the client chose the text and the rate.
+    let small = caller.kind == CallerKind::Anonymous && facts.reason != Reason::Ok;
     let uid = caller
         .instance_id
         .as_deref()
@@ -779,11 +814,21 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
         http_request: HttpRequest {
             http_method: &facts.method,
             url: Url {
-                path: &facts.path,
+                path: if small {
+                    cut(&facts.path, MAX_ANONYMOUS_TEXT)
+                } else {
+                    &facts.path
+                },
                 scheme: "https",
             },
             version: facts.http_version,
-            user_agent: facts.user_agent.as_deref(),
+            user_agent: facts.user_agent.as_deref().map(|ua| {
+                if small {
+                    cut(ua, MAX_ANONYMOUS_TEXT)
+                } else {
+                    ua
+                }
+            }),
             x_forwarded_for: &facts.forwarded_for,
         },
         http_response: HttpResponse {
@@ -815,6 +860,8 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
             key_id: facts.key_id,
             previous_key_id: facts.previous_key_id,
             key_ids: &facts.key_ids,
+            aggregated_count: facts.aggregate.as_ref().map(|a| a.count),
+            aggregated_request_ids: facts.aggregate.as_ref().map(|a| a.request_ids.as_slice()),
         },
     };
     let metadata = Metadata {

@@ -9,6 +9,7 @@
 //!
 //! The schema and an example of each event type are in `SECURITY.md`.
 
+pub mod aggregate;
 pub mod chain;
 pub mod event;
 pub mod review;

@@ -271,6 +271,9 @@ pub struct AuditSettings {
     pub queue_capacity: usize,
     /// How long a request waits for its event to be recorded before failing closed.
     pub ack_timeout: Duration,
+    /// Below this much free space on the log's filesystem, `/readyz` turns unready (so the load
+    /// balancer drains the replica before its disk is full); 0 disables the check.
+    pub min_free_bytes: u64,
     /// The audit secret (chain MAC and fingerprint keys are derived from it).
     pub secret: SecretBox<Vec<u8>>,
 }
@@ -482,6 +485,12 @@ struct RawAudit {
     queue_capacity: usize,
     #[serde(default = "default_ack_timeout_ms")]
     ack_timeout_ms: u64,
+    #[serde(default = "default_min_free_bytes")]
+    min_free_bytes: u64,
+}
+
+fn default_min_free_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 
 fn default_max_file_bytes() -> u64 {
@@ -1012,6 +1021,7 @@ impl Config {
             max_file_bytes: raw.audit.max_file_bytes.max(MIN_AUDIT_FILE_BYTES),
             queue_capacity: raw.audit.queue_capacity.max(16),
             ack_timeout: Duration::from_millis(raw.audit.ack_timeout_ms.max(1)),
+            min_free_bytes: raw.audit.min_free_bytes,
             secret: load_audit_secret(&audit_key_path)?,
         };
 

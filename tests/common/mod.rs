@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod keystone;
+pub mod small_disk;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
