@@ -112,6 +112,11 @@ for r in rows:
           f"address ({rps(r):,.0f}/s, all refused 400 before authentication); peak RSS "
           f"{mib(before.get('peak_rss_kib'))} MiB before, **{mib(r['peak_rss_kib'])} MiB** after "
           "(the pre-authentication limiter keeps at most `max_keys` sources)")
+    if r["name"] == "held connections":
+        w(f"- a held connection (bench/held_connections.py, {r['n']:,} of each): "
+          f"**{r['kib_per_silent_tls']} KiB** per silent TLS connection, **{r['kib_per_idle_h2']} KiB** "
+          "per idle HTTP/2 connection (TLS done, no stream); a listener at the default cap of 4,096 "
+          f"holds at most about {r['kib_per_idle_h2'] * 4096 / 1024:.0f} MiB of them")
 w("")
 
 goal = []

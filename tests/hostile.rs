@@ -307,3 +307,89 @@ serves = ["ops"]
     );
     assert!(guest >= 9, "the metadata listener answered {guest} of 10");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_past_the_limit_are_refused_and_audited() {
+    let daemon = daemon_with(|t| {
+        t.replace(
+            "h2_max_concurrent_streams = 64",
+            "h2_max_concurrent_streams = 4",
+        )
+    });
+    let client = daemon.client();
+    let id = new_instance();
+    client.register(&id, "project-a").await;
+    let sig = sign(&id);
+    let mut config = (*tls_client_config()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(daemon.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")
+        .unwrap()
+        .to_owned();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake::<
+        _,
+        _,
+        http_body_util::StreamBody<
+            futures_util::stream::Pending<
+                Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            >,
+        >,
+    >(TokioExecutor::new(), TokioIo::new(stream))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Eight posts whose bodies never come: four occupy the connection's streams (each waits for
+    // its body), the other four are past the limit.
+    let mut posts = Vec::new();
+    for _ in 0..8 {
+        let mut sender = sender.clone();
+        let request = http::Request::post("https://127.0.0.1/openstack/latest/password")
+            .header("x-instance-id", id.as_str())
+            .header("x-tenant-id", "project-a")
+            .header("x-instance-id-signature", sig.as_str())
+            .body(http_body_util::StreamBody::new(
+                futures_util::stream::pending(),
+            ))
+            .unwrap();
+        posts.push(tokio::spawn(async move {
+            let response =
+                tokio::time::timeout(Duration::from_secs(20), sender.send_request(request)).await;
+            response.ok().and_then(|r| r.ok()).map(|r| {
+                (
+                    r.status().as_u16(),
+                    r.headers()
+                        .get("x-request-id")
+                        .map(|v| v.to_str().unwrap().to_owned()),
+                )
+            })
+        }));
+    }
+    let mut refused = Vec::new();
+    for post in posts {
+        if let Some((503, Some(id))) = post.await.unwrap() {
+            refused.push(id);
+        }
+    }
+    assert!(refused.len() >= 4, "{} refused", refused.len());
+    let events = daemon.audit_events();
+    for id in &refused {
+        let event = event_for(&events, id);
+        assert_eq!(event["http_request"]["version"], "HTTP/2");
+        let reason = event["unmapped"]["reason"].as_str().unwrap();
+        assert!(
+            reason == "rate_limited" || reason == "body_timeout",
+            "{reason}"
+        );
+    }
+    assert!(
+        refused.iter().any(|id| event_for(&events, id)["message"]
+            .as_str()
+            .unwrap()
+            .contains("Too many concurrent streams")),
+        "the streams past the limit were refused as such"
+    );
+}

@@ -292,6 +292,15 @@ fn gate_recording<O: 'static>(
     (gate, invoked)
 }
 
+/// After a panic the answer is a 500; if a gate had already recorded the request's event (with
+/// the status the handler meant to send), that event is corrected rather than left standing.
+fn after_panic(state: GateEvent) -> GateEvent {
+    match state {
+        GateEvent::Recorded => GateEvent::NeedsCorrection,
+        other => other,
+    }
+}
+
 fn settle<O>(state: &mut GateEvent, invoked: &AtomicBool, result: &Result<O, StoreError>) {
     if !invoked.load(Ordering::SeqCst) {
         return;
@@ -473,6 +482,7 @@ async fn handle<B: RequestBody>(
         Ok(Err(e)) => respond::error(&mut ex.facts, &e),
         Err(_) => {
             tracing::error!(request_id = %ex.facts.request_id, "handler panicked");
+            ex.gate_event = after_panic(ex.gate_event);
             respond::error(&mut ex.facts, &ApiError::internal())
         }
     };
@@ -539,6 +549,12 @@ fn surface_of(app: &App, path: &str) -> crate::audit::Surface {
     }
 }
 
+/// Marks an HTTP/2 request beyond `h2_max_concurrent_streams` on its connection: refused with
+/// 503 and audited, like any refusal (the HTTP/2 layer itself only refuses streams beyond twice
+/// the limit, which compliant clients never open).
+#[derive(Debug, Clone, Copy)]
+pub struct StreamsExceeded;
+
 async fn route<B: RequestBody>(
     app: &App,
     ex: &mut Exchange,
@@ -546,6 +562,17 @@ async fn route<B: RequestBody>(
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path();
     ex.facts.surface = surface_of(app, path);
+    if req.extensions().get::<StreamsExceeded>().is_some() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RateLimited,
+            format!(
+                "Too many concurrent streams on this connection (at most {}); retry shortly.",
+                app.limits.h2_max_concurrent_streams
+            ),
+        )
+        .with_retry_after(1));
+    }
     // Who the client is (behind trusted proxies) comes first: it is what the source limit counts.
     let source = crate::forwarded::resolve(&ex.conn.listener, ex.facts.peer.ip(), req.headers());
     let source = match source {
@@ -865,5 +892,21 @@ fn keystone_refusal(app: &App, ex: &Exchange, error: KeystoneError) -> ApiError 
             )
             .with_retry_after(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_after_a_recorded_gate_corrects_the_event() {
+        // The gate recorded the status the handler meant to send; the answer is now a 500.
+        assert_eq!(after_panic(GateEvent::Recorded), GateEvent::NeedsCorrection);
+        assert_eq!(after_panic(GateEvent::None), GateEvent::None);
+        assert_eq!(
+            after_panic(GateEvent::NeedsCorrection),
+            GateEvent::NeedsCorrection
+        );
     }
 }

@@ -139,7 +139,10 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        // Advertised (and enforced by h2) at twice the limit: streams between the limit and twice
+        // it reach metapass and are refused there, with an audit event (api::StreamsExceeded);
+        // only a client ignoring SETTINGS meets h2's own, unaudited refusal.
+        .max_concurrent_streams(limits.h2_max_concurrent_streams.saturating_mul(2))
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_header_list_size(limits.h2_max_header_list_bytes)
         .keep_alive_interval(Duration::from_secs(30))
@@ -431,9 +434,14 @@ async fn serve<I>(
     let app = shared.app.clone();
     let service_conn = conn.clone();
     let service_state = state.clone();
-    let service = service_fn(move |req| {
+    let stream_limit =
+        usize::try_from(shared.app.limits.h2_max_concurrent_streams).unwrap_or(usize::MAX);
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let (app, conn) = (app.clone(), service_conn.clone());
         let in_flight = InFlight::new(&service_state);
+        if req.version() == http::Version::HTTP_2 && service_state.active() > stream_limit {
+            req.extensions_mut().insert(api::StreamsExceeded);
+        }
         async move {
             let response = api::serve(app, conn, req).await;
             drop(in_flight);
