@@ -565,10 +565,7 @@ async fn the_free_space_watermark_turns_readyz_unready_before_the_disk_is_full()
     use std::io::Write;
     // A 4 MiB audit disk, unready below 3 MiB free.
     let daemon = common::small_disk::daemon_with_audit_disk("4m", |t| {
-        t.replace(
-            "max_file_bytes = 67108864",
-            "max_file_bytes = 67108864\nmin_free_bytes = 3145728",
-        )
+        t.replace("min_free_bytes = 67108864", "min_free_bytes = 3145728")
     });
     let client = daemon.client();
     let first = client.get("/readyz", &[]).await;

@@ -360,10 +360,7 @@ async fn verify_names_the_first_bad_sequence_number_for_every_kind_of_tampering(
 fn daemon_with_small_audit_disk() -> Daemon {
     common::small_disk::daemon_with_audit_disk("1m", |t| {
         t.replace("ack_timeout_ms = 5000", "ack_timeout_ms = 1000")
-            .replace(
-                "max_file_bytes = 67108864",
-                "max_file_bytes = 67108864\nmin_free_bytes = 0",
-            )
+            .replace("min_free_bytes = 67108864", "min_free_bytes = 0")
     })
 }
 

@@ -24,8 +24,13 @@ fn tight_limits(text: String) -> String {
         )
         .replace(
             "tls_handshake_timeout_secs = 10",
-            "tls_handshake_timeout_secs = 2\nfirst_request_timeout_secs = 3\nidle_timeout_secs = 3",
+            "tls_handshake_timeout_secs = 2",
         )
+        .replace(
+            "first_request_timeout_secs = 15",
+            "first_request_timeout_secs = 3",
+        )
+        .replace("idle_timeout_secs = 30", "idle_timeout_secs = 3")
 }
 
 /// A TCP connection to `server` from the loopback address `local`.
