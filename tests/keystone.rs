@@ -18,7 +18,16 @@ fn password_path(id: &str) -> String {
 async fn daemon_with_password(ks: &Keystone, extra: &str) -> (Daemon, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = ks.config(dir.path(), &ks.auth_url(), extra);
-    let daemon = Daemon::start_with(&config, dir);
+    started_with_password(ks, &config, dir).await
+}
+
+/// The daemon on `config`, and an instance of project-a whose guest has posted `pw`.
+async fn started_with_password(
+    ks: &Keystone,
+    config: &std::path::Path,
+    dir: tempfile::TempDir,
+) -> (Daemon, String) {
+    let daemon = Daemon::start_with(config, dir);
     let client = daemon.client();
     let id = new_instance();
     let project = ks.project_id("project-a");
@@ -153,12 +162,8 @@ async fn keystone_unreachable_fails_closed_for_tokens_it_has_not_vouched_for() {
     let (mut server, url) = ks.start_another().await;
     let dir = tempfile::tempdir().unwrap();
     let config = ks.config(dir.path(), &url, "cache_ttl_secs = 300\ntimeout_secs = 15");
-    let daemon = Daemon::start_with(&config, dir);
+    let (daemon, id) = started_with_password(&ks, &config, dir).await;
     let client = daemon.client();
-    let id = new_instance();
-    let project = ks.project_id("project-a");
-    client.register(&id, &project).await;
-    assert_eq!(client.post_password(&id, &project, "pw").await.status, 200);
     let alice = ks.token("alice").await;
     let rita = ks.token("rita").await;
     let path = password_path(&id);
@@ -203,12 +208,8 @@ async fn an_application_credential_serves_as_metapass_s_own_credentials() {
     let Some(ks) = keystone::shared() else { return };
     let dir = tempfile::tempdir().unwrap();
     let config = ks.config_with_application_credential(dir.path(), "");
-    let daemon = Daemon::start_with(&config, dir);
+    let (daemon, id) = started_with_password(&ks, &config, dir).await;
     let client = daemon.client();
-    let id = new_instance();
-    let project = ks.project_id("project-a");
-    client.register(&id, &project).await;
-    assert_eq!(client.post_password(&id, &project, "pw").await.status, 200);
     let alice = ks.token("alice").await;
     let read = client
         .get(&password_path(&id), &[("x-auth-token", &alice)])

@@ -21,7 +21,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::{ConfigError, check_certificate_mode, check_secret_mode, err, read_text, under};
+use super::{ConfigError, check_certificate_mode, err, read_secret_file, under};
 use crate::identity::keystone::{KeystoneSettings, ServiceCredentials};
 
 #[derive(Deserialize)]
@@ -59,19 +59,13 @@ fn default_timeout_secs() -> u64 {
     5
 }
 
-/// Reads a secret file (mode-checked) to its trimmed text.
+/// A secret file's text as a [`SecretString`].
 fn secret_file(
     path: &Path,
     dev_mode: bool,
     warnings: &mut Vec<String>,
 ) -> Result<SecretString, ConfigError> {
-    check_secret_mode(path, dev_mode, warnings)?;
-    let text = zeroize::Zeroizing::new(read_text(path)?);
-    let secret = text.trim();
-    if secret.is_empty() {
-        return Err(err(path, "is empty"));
-    }
-    Ok(SecretString::from(secret.to_owned()))
+    read_secret_file(path, dev_mode, warnings).map(|s| SecretString::from(s.as_str().to_owned()))
 }
 
 impl RawKeystone {

@@ -603,6 +603,22 @@ fn read_text(path: &Path) -> Result<String, ConfigError> {
     fs::read_to_string(path).map_err(|e| err(path, e))
 }
 
+/// Reads a secret file (mode-checked as [`check_secret_mode`] does) to its trimmed text; an
+/// empty file is an error.
+fn read_secret_file(
+    path: &Path,
+    dev_mode: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Zeroizing<String>, ConfigError> {
+    check_secret_mode(path, dev_mode, warnings)?;
+    let text = Zeroizing::new(read_text(path)?);
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(err(path, "is empty"));
+    }
+    Ok(Zeroizing::new(secret.to_owned()))
+}
+
 /// Refuses (or, in dev mode, warns about) a secret file readable by group or others.
 fn check_secret_mode(
     path: &Path,
@@ -978,9 +994,7 @@ impl Config {
                     ));
                 }
                 if let Some(file) = n.password_file {
-                    let file = under(base, &file);
-                    check_secret_mode(&file, dev_mode, &mut warnings)?;
-                    let password = Zeroizing::new(read_text(&file)?.trim().to_owned());
+                    let password = read_secret_file(&under(base, &file), dev_mode, &mut warnings)?;
                     url.set_password(Some(&password)).map_err(|()| {
                         err(path, "[nova_notifications] url cannot carry a password")
                     })?;

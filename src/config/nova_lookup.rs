@@ -13,7 +13,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{ConfigError, check_secret_mode, err, read_text, under};
+use super::{ConfigError, err, read_secret_file, under};
 
 /// Where and how to look an unknown instance up in Nova's database.
 #[derive(Debug, Clone)]
@@ -57,10 +57,8 @@ impl RawNovaLookup {
             ));
         }
         if let Some(file) = self.password_file {
-            let file = under(base, &file);
-            check_secret_mode(&file, dev_mode, warnings)?;
-            let password = zeroize::Zeroizing::new(read_text(&file)?);
-            url.set_password(Some(password.trim()))
+            let password = read_secret_file(&under(base, &file), dev_mode, warnings)?;
+            url.set_password(Some(&password))
                 .map_err(|()| err(path, "[nova_lookup] url cannot carry a password"))?;
         }
         if !(100..=30_000).contains(&self.timeout_ms) {

@@ -308,7 +308,7 @@ impl Keystone {
                 .header(http::header::USER_AGENT, crate::PRODUCT_NAME)
                 .body(Full::new(Bytes::new()))
                 .map_err(unavailable)?;
-            let (status, body) = self.call(request).await?;
+            let (status, _, body) = self.call(request).await?;
             match status {
                 StatusCode::OK => return identity_from(&body),
                 StatusCode::NOT_FOUND => {
@@ -330,22 +330,29 @@ impl Keystone {
         Err(unavailable("Keystone refused metapass's service token"))
     }
 
+    /// Sends `request`; returns the status, the `X-Subject-Token` header (a token Keystone
+    /// issued) and the body, read up to [`MAX_TOKEN_DOCUMENT`].
     async fn call(
         &self,
         request: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, Bytes), KeystoneError> {
+    ) -> Result<(StatusCode, Option<SecretString>, Bytes), KeystoneError> {
         let response = self
             .client
             .request(request)
             .await
             .map_err(|e| unavailable(format!("cannot reach Keystone ({e})")))?;
         let status = response.status();
+        let issued = response
+            .headers()
+            .get("x-subject-token")
+            .and_then(|v| v.to_str().ok())
+            .map(|t| SecretString::from(t.to_owned()));
         let body = Limited::new(response.into_body(), MAX_TOKEN_DOCUMENT)
             .collect()
             .await
             .map_err(|_| unavailable("Keystone's answer could not be read"))?
             .to_bytes();
-        Ok((status, body))
+        Ok((status, issued, body))
     }
 
     /// The service token, obtained or renewed when `renew` is set or it is near its expiry.
@@ -365,22 +372,7 @@ impl Keystone {
             .header(http::header::USER_AGENT, crate::PRODUCT_NAME)
             .body(Full::new(Bytes::from(self.auth_request())))
             .map_err(unavailable)?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| unavailable(format!("cannot reach Keystone ({e})")))?;
-        let status = response.status();
-        let token = response
-            .headers()
-            .get("x-subject-token")
-            .and_then(|v| v.to_str().ok())
-            .map(|t| SecretString::from(t.to_owned()));
-        let body = Limited::new(response.into_body(), MAX_TOKEN_DOCUMENT)
-            .collect()
-            .await
-            .map_err(|_| unavailable("Keystone's answer could not be read"))?
-            .to_bytes();
+        let (status, token, body) = self.call(request).await?;
         let token = match (status, token) {
             (StatusCode::CREATED, Some(token)) => token,
             (status, _) => {

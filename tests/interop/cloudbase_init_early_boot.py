@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cloudbaseinit.metadata.services import httpservice
 from cloudbaseinit.plugins.common import setuserpassword
 
+from interop_common import configure_cloudbase
 from neutron_proxy import NeutronProxy
 
 CONF = httpservice.CONF
@@ -29,10 +30,7 @@ def main():
     ca = os.path.join(certs, "ca.pem")
     with NeutronProxy(int(port), instance_id, tenant_id, "dev-metadata-proxy-secret", ca,
                       os.path.join(certs, "server.pem"), os.path.join(certs, "server.key")) as proxy:
-        CONF([], project="cloudbase-init")
-        CONF.set_override("metadata_base_url", "https://127.0.0.1:%d/" % proxy.port, group="openstack")
-        CONF.set_override("add_metadata_private_ip_route", False, group="openstack")
-        CONF.set_override("https_ca_bundle", ca, group="openstack")
+        configure_cloudbase(CONF, proxy.port, ca)
         assert CONF.retry_count == 5 and CONF.retry_count_interval == 4, "defaults"
 
         service = httpservice.HttpService()

@@ -20,6 +20,7 @@ from cloudbaseinit.metadata.services import httpservice
 from cloudbaseinit.plugins.common import setuserpassword
 from cloudbaseinit.utils import crypt
 
+from interop_common import configure_cloudbase
 from neutron_proxy import NeutronProxy
 
 CONF = httpservice.CONF
@@ -31,10 +32,7 @@ def main():
     ca = os.path.join(certs, "ca.pem")
     with NeutronProxy(int(port), instance_id, tenant_id, "dev-metadata-proxy-secret", ca,
                       os.path.join(certs, "server.pem"), os.path.join(certs, "server.key")) as proxy:
-        CONF([], project="cloudbase-init")
-        CONF.set_override("metadata_base_url", "https://127.0.0.1:%d/" % proxy.port, group="openstack")
-        CONF.set_override("add_metadata_private_ip_route", False, group="openstack")
-        CONF.set_override("https_ca_bundle", ca, group="openstack")
+        configure_cloudbase(CONF, proxy.port, ca)
         CONF.set_override("retry_count", 0)
 
         service = httpservice.HttpService()

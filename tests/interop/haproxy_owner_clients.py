@@ -8,22 +8,18 @@ and signed headers; novaclient negotiates 2.latest (against Nova's document: 2.9
 maximum), the nova CLI does the same, openstacksdk negotiates its default. Prints OK at the end.
 """
 
-import base64
-import hashlib
-import hmac
 import os
 import subprocess
 import sys
 
-import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keystoneauth1 import session as ks_session
 from keystoneauth1 import token_endpoint
 from novaclient import api_versions
 from novaclient import client as nova_client
 from openstack import connection
 from openstack.config import cloud_region
+
+from interop_common import OwnerKey, guest_post
 
 TOKEN = "dev-token-project-a"
 
@@ -33,20 +29,10 @@ def main():
     certs = os.path.join(repo, "certs-dev")
     ca = os.path.join(certs, "ca.pem")
     agent_cert = (os.path.join(certs, "proxy.pem"), os.path.join(certs, "proxy.key"))
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    key_file = os.path.join(work, "owner-key.pem")
-    with open(key_file, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                  serialization.NoEncryption()))
-    os.chmod(key_file, 0o600)
-
-    blob = base64.b64encode(key.public_key().encrypt(b"haproxy-Passw0rd", padding.PKCS1v15())).decode()
-    sig = hmac.new(b"dev-metadata-proxy-secret", instance_id.encode(), hashlib.sha256).hexdigest()
-    headers = {"X-Instance-ID": instance_id, "X-Tenant-ID": "project-a", "X-Instance-ID-Signature": sig,
-               "X-Forwarded-For": "10.0.0.42"}
-    resp = requests.post(metadata + "/openstack/2013-04-04/password", data=blob, headers=headers,
-                         verify=ca, cert=agent_cert)
-    assert resp.status_code == 200, (resp.status_code, resp.text)
+    owner = OwnerKey(work)
+    key_file = owner.file
+    guest_post(metadata, ca, instance_id, "project-a", owner.encrypt("haproxy-Passw0rd"), cert=agent_cert,
+               forwarded_for="10.0.0.42")
 
     sess = ks_session.Session(auth=token_endpoint.Token(endpoint=compute + "/v2.1", token=TOKEN), verify=ca)
     probe = nova_client.Client("2.1", session=sess)
@@ -67,7 +53,7 @@ def main():
 
     conn = connection.Connection(config=cloud_region.from_session(sess))
     got = conn.compute.get_server_password(instance_id)
-    assert key.decrypt(base64.b64decode(got), padding.PKCS1v15()).decode() == "haproxy-Passw0rd"
+    assert owner.decrypt(got) == "haproxy-Passw0rd"
     conn.compute.clear_server_password(instance_id)
     assert conn.compute.get_server_password(instance_id) == "", "cleared"
     print("openstacksdk through HAProxy: read and cleared")

@@ -9,22 +9,19 @@ give it). novaclient negotiates 2.latest, openstacksdk its default. Prints one l
 OK at the end.
 """
 
-import base64
-import hashlib
-import hmac
 import json
 import os
 import subprocess
 import sys
 
-import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
 from novaclient import api_versions
 from novaclient import client as nova_client
 from openstack import connection
+
+from interop_common import OwnerKey
+from interop_common import guest_post as common_guest_post
 
 
 def main():
@@ -53,19 +50,11 @@ def main():
     nova.servers.clear_password(instance_id)
     assert nova.servers.get_password(instance_id) == "", "cleared"
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    key_file = os.path.join(work, "owner-key.pem")
-    with open(key_file, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                  serialization.NoEncryption()))
-    os.chmod(key_file, 0o600)
+    owner = OwnerKey(work)
+    key_file = owner.file
 
     def guest_post(text):
-        blob = base64.b64encode(key.public_key().encrypt(text.encode(), padding.PKCS1v15())).decode()
-        sig = hmac.new(b"dev-metadata-proxy-secret", instance_id.encode(), hashlib.sha256).hexdigest()
-        headers = {"X-Instance-ID": instance_id, "X-Tenant-ID": project_id, "X-Instance-ID-Signature": sig}
-        resp = requests.post(base + "/openstack/2013-04-04/password", data=blob, headers=headers, verify=ca)
-        assert resp.status_code == 200, resp.text
+        common_guest_post(base, ca, instance_id, project_id, owner.encrypt(text))
 
     guest_post("keystone-Passw0rd")
     assert nova.servers.get_password(instance_id, private_key=key_file) == "keystone-Passw0rd"
@@ -88,7 +77,7 @@ def main():
     # openstacksdk with its default microversion negotiation, on a reader's session.
     conn = connection.Connection(session=session("rita"), compute_endpoint_override=compute)
     blob = conn.compute.get_server_password(instance_id)
-    assert key.decrypt(base64.b64decode(blob), padding.PKCS1v15()).decode() == "keystone-Passw0rd"
+    assert owner.decrypt(blob) == "keystone-Passw0rd"
     print("openstacksdk get_server_password (reader): decrypted")
     try:
         conn.compute.clear_server_password(instance_id)
@@ -112,7 +101,7 @@ def main():
     assert with_prefix.servers.get_password(instance_id, private_key=key_file) == "catalog-Passw0rd"
     sdk = connection.Connection(session=sess, compute_endpoint_override=prefixed)
     blob = sdk.compute.get_server_password(instance_id)
-    assert key.decrypt(base64.b64decode(blob), padding.PKCS1v15()).decode() == "catalog-Passw0rd"
+    assert owner.decrypt(blob) == "catalog-Passw0rd"
     sdk.compute.clear_server_password(instance_id)
     assert sdk.compute.get_server_password(instance_id) == "", "cleared"
     print("novaclient and openstacksdk under /compute/v2.1: decrypted and cleared")

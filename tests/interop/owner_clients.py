@@ -8,30 +8,19 @@ keystoneauth1's token_endpoint plugin against https://127.0.0.1:PORT/v2.1 with t
 Prints one line per check and OK at the end.
 """
 
-import base64
-import hashlib
-import hmac
 import os
 import subprocess
 import sys
 
-import requests
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from keystoneauth1 import session as ks_session
 from keystoneauth1 import token_endpoint
 from novaclient import client as nova_client
 from openstack import connection
 from openstack.config import cloud_region
 
+from interop_common import OwnerKey, guest_post
+
 TOKEN = "dev-token-project-a"
-
-
-def guest_post(base, ca, instance_id, blob):
-    sig = hmac.new(b"dev-metadata-proxy-secret", instance_id.encode(), hashlib.sha256).hexdigest()
-    headers = {"X-Instance-ID": instance_id, "X-Tenant-ID": "project-a", "X-Instance-ID-Signature": sig}
-    resp = requests.post(base + "/openstack/2013-04-04/password", data=blob, headers=headers, verify=ca)
-    assert resp.status_code == 200, resp.text
 
 
 def main():
@@ -39,17 +28,10 @@ def main():
     ca = os.path.join(repo, "certs-dev", "ca.pem")
     base = "https://127.0.0.1:%s" % port
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    key_file = os.path.join(work, "owner-key.pem")
-    with open(key_file, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                  serialization.NoEncryption()))
-    os.chmod(key_file, 0o600)
+    owner = OwnerKey(work)
+    key_file = owner.file
 
-    def encrypt(text):
-        return base64.b64encode(key.public_key().encrypt(text.encode(), padding.PKCS1v15())).decode()
-
-    guest_post(base, ca, instance_id, encrypt("first-Passw0rd"))
+    guest_post(base, ca, instance_id, "project-a", owner.encrypt("first-Passw0rd"))
 
     auth = token_endpoint.Token(endpoint=base + "/v2.1", token=TOKEN)
     sess = ks_session.Session(auth=auth, verify=ca)
@@ -64,7 +46,7 @@ def main():
     print("novaclient clear_password: cleared")
 
     # The guest posts again after the clear (Nova's rebuild flow).
-    guest_post(base, ca, instance_id, encrypt("second-Passw0rd"))
+    guest_post(base, ca, instance_id, "project-a", owner.encrypt("second-Passw0rd"))
 
     # The nova CLI with a token and an endpoint and no Keystone: keystoneauth's admin_token plugin
     # (token_endpoint). The CLI still insists on a project and an auth URL, which that plugin does
@@ -81,7 +63,7 @@ def main():
     # openstacksdk, on the same keystoneauth session.
     conn = connection.Connection(config=cloud_region.from_session(sess))
     blob = conn.compute.get_server_password(instance_id)
-    plain = key.decrypt(base64.b64decode(blob), padding.PKCS1v15()).decode()
+    plain = owner.decrypt(blob)
     assert plain == "second-Passw0rd", plain
     print("openstacksdk get_server_password: decrypted")
     conn.compute.clear_server_password(instance_id)
