@@ -487,6 +487,61 @@ mod tests {
         assert_eq!(id.roles, ["member", "reader"]);
     }
 
+    fn keystone(max: usize, ttl: Duration) -> Keystone {
+        Keystone::new(KeystoneSettings {
+            auth_url: url::Url::parse("https://keystone.invalid:5000").unwrap(),
+            credentials: ServiceCredentials::ApplicationCredential {
+                id: "id".into(),
+                secret: SecretString::from("secret"),
+            },
+            ca_file: None,
+            cache_ttl: ttl,
+            max_cached_tokens: max,
+            timeout: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    fn identity(expires_in: time::Duration) -> Arc<KeystoneIdentity> {
+        Arc::new(KeystoneIdentity {
+            user_id: "u".into(),
+            user_name: "alice".into(),
+            project_id: ProjectId::parse("p").unwrap(),
+            roles: vec!["member".into()],
+            expires_at: OffsetDateTime::now_utc() + expires_in,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cache_is_bounded_keyed_by_hmac_and_never_outlives_a_token() {
+        let ks = keystone(2, Duration::from_secs(300));
+        let token = |t: &str| SecretString::from(t.to_owned());
+        let (a, b, c) = (token("a"), token("b"), token("c"));
+        assert_ne!(ks.cache_key_of(&a), ks.cache_key_of(&b));
+        // Not the token's plain hash either: the key is secret to this process.
+        assert_ne!(
+            ks.cache_key_of(&a).to_vec(),
+            ring::digest::digest(&ring::digest::SHA256, b"a")
+                .as_ref()
+                .to_vec()
+        );
+        ks.remember(ks.cache_key_of(&a), identity(time::Duration::hours(1)));
+        // b's token expires in 10 s: cached for 10 s, not the 300 s TTL.
+        ks.remember(ks.cache_key_of(&b), identity(time::Duration::seconds(10)));
+        assert_eq!(ks.cached_tokens(), 2);
+        // Full: the entry nearest its end (b) makes room for c.
+        ks.remember(ks.cache_key_of(&c), identity(time::Duration::hours(1)));
+        assert_eq!(ks.cached_tokens(), 2);
+        assert!(ks.cached(&ks.cache_key_of(&a)).is_some());
+        assert!(ks.cached(&ks.cache_key_of(&b)).is_none());
+        assert!(ks.cached(&ks.cache_key_of(&c)).is_some());
+        tokio::time::advance(Duration::from_secs(301)).await;
+        assert!(
+            ks.cached(&ks.cache_key_of(&a)).is_none(),
+            "the TTL bounds every entry"
+        );
+    }
+
     #[test]
     fn expired_unscoped_and_malformed_documents_are_refused() {
         assert_eq!(
