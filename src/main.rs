@@ -198,12 +198,12 @@ enum AuditCommand {
         /// Audit files to verify, in chain order.
         files: Vec<PathBuf>,
     },
-    /// Print the keyed fingerprint of a value, to look for it in the log.
+    /// Print the keyed fingerprint of a value read from standard input (one line; a token or a
+    /// password blob: never on the command line, where every local user can read it), to look
+    /// for it in the log.
     Hash {
         #[command(flatten)]
         key: KeySource,
-        /// The value (a token, a password blob) to fingerprint.
-        value: String,
     },
     /// Print matching events as a compact table.
     Show {
@@ -244,8 +244,9 @@ fn main() -> ExitCode {
             data_dir,
         } => serve(config, Overrides { listen, data_dir }),
         Command::DevCerts { out, leaf_days } => dev_certs(out, leaf_days),
-        Command::Audit { command } => audit(command),
-        Command::Keys { command } => keys(command),
+        // They read the audit secret or the keyring: the same hygiene as the daemon.
+        Command::Audit { command } => harden().and_then(|()| audit(command)),
+        Command::Keys { command } => harden().and_then(|()| keys(command)),
         Command::ImportNova {
             db,
             db_password_file,
@@ -366,6 +367,13 @@ fn load(config: &std::path::Path, overrides: &Overrides) -> Result<Config, Strin
         tracing::warn!("{warning}");
     }
     Ok(config)
+}
+
+/// No core dumps and no same-user ptrace before a secret is read.
+fn harden() -> Result<(), String> {
+    metapass::hygiene::disable_core_dumps()
+        .map(|_| ())
+        .map_err(|e| format!("disabling core dumps: {e}"))
 }
 
 fn audit_keys(config: &Config) -> Result<AuditKeys, String> {
@@ -622,8 +630,17 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
                 }
             }
         }
-        AuditCommand::Hash { key, value } => {
+        AuditCommand::Hash { key } => {
             let (keys, _) = keys_from(&key, None)?;
+            let mut value = zeroize::Zeroizing::new(String::new());
+            std::io::stdin()
+                .read_line(&mut value)
+                .map_err(|e| format!("reading the value from standard input: {e}"))?;
+            let value = value.strip_suffix('\n').unwrap_or(&value);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            if value.is_empty() {
+                return Err("give the value to fingerprint on standard input (one line)".into());
+            }
             println!("{}", keys.fingerprint(value.as_bytes()));
             Ok(ExitCode::SUCCESS)
         }

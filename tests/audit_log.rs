@@ -585,6 +585,24 @@ async fn reviewer_tools_show_summarize_and_find_fingerprints() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let run_with_input = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metapass"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let dir = daemon.audit_dir();
     let dir = dir.to_str().unwrap();
     let denied = run(&["audit", "show", "--dir", dir, "--outcome", "denied"]);
@@ -637,26 +655,38 @@ async fn reviewer_tools_show_summarize_and_find_fingerprints() {
     );
 
     // An investigator holding a token can find its uses without the log revealing it.
-    let fingerprint = run(&[
-        "audit",
-        "hash",
-        "--audit-key",
-        repo().join("policy/dev-audit-key.toml").to_str().unwrap(),
-        TOKEN_B,
-    ]);
+    // The value comes on standard input: a token on the command line is every local user's.
+    let fingerprint = run_with_input(
+        &[
+            "audit",
+            "hash",
+            "--audit-key",
+            repo().join("policy/dev-audit-key.toml").to_str().unwrap(),
+        ],
+        &format!("{TOKEN_B}\n"),
+    );
     let events = daemon.audit_events();
     let matching = events
         .iter()
         .filter(|e| e["actor"]["user"]["credential_uid"] == fingerprint.trim())
         .count();
     assert_eq!(matching, 3);
-    let blob = run(&[
-        "audit",
-        "hash",
-        "--config",
-        daemon.config.to_str().unwrap(),
+    let blob = run_with_input(
+        &["audit", "hash", "--config", daemon.config.to_str().unwrap()],
         "blob",
-    ]);
+    );
+    // A value on the command line is refused, not fingerprinted.
+    let refused = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args([
+            "audit",
+            "hash",
+            "--config",
+            daemon.config.to_str().unwrap(),
+            "blob",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
     assert!(
         events
             .iter()

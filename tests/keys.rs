@@ -220,6 +220,12 @@ async fn rotation_reseals_every_password_online_and_retire_waits_for_it() {
     let daemon = Daemon::start_with(&config, tempfile::tempdir().unwrap());
     let client = daemon.client();
     let old = instances_with_passwords(&client, 10).await;
+    // The chunks sealed under key 1, to look for after the rewrap.
+    let under_key_1: Vec<Vec<u8>> = old
+        .iter()
+        .flat_map(|id| chunks_of(&daemon.db_path(), id))
+        .map(|(_, value)| value)
+        .collect();
 
     let status = key_status(&client).await;
     assert_eq!(status["active"], 1);
@@ -287,6 +293,17 @@ async fn rotation_reseals_every_password_online_and_retire_waits_for_it() {
     let status = key_status(&client).await;
     assert_eq!(records_under(&status, 2), 12);
     assert_eq!(status["rewrap"]["rewrapped"], 10);
+    // The old key's ciphertext is gone from the files (secure_delete wiped the pages, and each
+    // rewrap batch truncated the WAL): a copy taken now does not open with the retired key.
+    for file in ["metapass.sqlite3", "metapass.sqlite3-wal"] {
+        let bytes = std::fs::read(daemon.data_dir().join(file)).unwrap_or_default();
+        for chunk in &under_key_1 {
+            assert!(
+                !bytes.windows(32).any(|w| w == &chunk[..32]),
+                "key 1's ciphertext remains in {file}"
+            );
+        }
+    }
     assert_eq!(status["rewrap"]["unreadable"], 0);
     assert_all_read_back(&client, &old).await;
     assert_all_read_back(&client, &new).await;
@@ -742,4 +759,35 @@ async fn the_key_endpoints_are_for_admins_only() {
             .all(|e| e["unmapped"]["reason"] == "forbidden"),
         "{events:?}"
     );
+}
+
+#[test]
+fn the_audit_and_keys_commands_turn_core_dumps_off_too() {
+    // `audit hash` waits for its value on standard input: look at it while it holds the audit
+    // secret.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "hash", "--audit-key"])
+        .arg(repo().join("policy/dev-audit-key.toml"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut core = String::new();
+    for _ in 0..100 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+        core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap()
+            .to_owned();
+        // The hard limit: the soft one may already be 0 in the test's environment.
+        if core.split_whitespace().nth(5) == Some("0") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
 }

@@ -77,7 +77,8 @@ const MIGRATIONS: &[&str] = &[
 trait Job: Send {
     /// Runs the job's statements and calls its gate with the outcome.
     fn execute(&mut self, conn: &Connection) -> Result<GateTicket, StoreError>;
-    /// Whether the job removes a sealed record (the batch then truncates the WAL).
+    /// Whether the job removes sealed bytes: a clear, a delete, a rewrap (the batch then
+    /// truncates the WAL).
     fn purges(&self) -> bool;
     /// Delivers the result: `None` if the batch committed, or why this job's work was lost.
     fn finish(self: Box<Self>, failure: Option<StoreError>);
@@ -815,7 +816,9 @@ impl Store for SqliteStore {
         gate: Gate<RewrapOutcome>,
     ) -> Result<RewrapOutcome, StoreError> {
         let (id, expected) = (candidate.id.to_string(), candidate.clone());
-        self.write(gate, false, move |conn| {
+        // Resealing removes the old key's ciphertext: like a purge, its batch truncates the WAL,
+        // so no copy of the files taken afterwards still opens with the old key.
+        self.write(gate, true, move |conn| {
             // Still the record that was listed? Anything else (changed, cleared, deleted) is left.
             let current: Option<(i64, i64, Option<i64>)> = conn
                 .prepare_cached(
