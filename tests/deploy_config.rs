@@ -205,6 +205,13 @@ fn a_database_password_must_come_from_an_owner_only_file() {
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2-db"), "{stderr}");
+    // Outside dev mode the database is reached over TLS, unless that is waived explicitly.
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let stderr = serve_must_fail(&with_store(&store));
+    assert!(
+        stderr.contains("needs ca_file") && stderr.contains("insecure_plaintext"),
+        "{stderr}"
+    );
     // An unknown setting or a URL that is not one is refused before connecting.
     let stderr = serve_must_fail(&with_store(
         "backend = \"postgres\"\nurl = \"postgresql://x@127.0.0.1/test\"\npool = 3",

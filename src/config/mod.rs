@@ -466,6 +466,10 @@ enum RawStore {
         ca_file: Option<PathBuf>,
         #[serde(default = "default_pool_size")]
         pool_size: usize,
+        /// Outside dev mode, TLS to the database (`ca_file`) is required unless this waives it
+        /// (a database on a socket-only or otherwise protected path).
+        #[serde(default)]
+        insecure_plaintext: bool,
     },
 }
 
@@ -942,6 +946,7 @@ impl Config {
                 password_file,
                 ca_file,
                 pool_size,
+                insecure_plaintext,
             } => {
                 let parsed: tokio_postgres::Config = url
                     .expose_secret()
@@ -964,6 +969,18 @@ impl Config {
                 let ca_file = ca_file.map(|f| under(base, &f));
                 if let Some(ca) = &ca_file {
                     check_certificate_mode(ca, dev_mode, &mut warnings)?;
+                }
+                match (&ca_file, dev_mode, insecure_plaintext) {
+                    (Some(_), _, _) | (None, true, _) => {}
+                    (None, false, false) => {
+                        return Err(err(
+                            path,
+                            "[store] backend = \"postgres\" needs ca_file (TLS to the database) outside dev_mode; set insecure_plaintext = true only for a database reached over a protected path",
+                        ));
+                    }
+                    (None, false, true) => warnings.push(
+                        "[store] insecure_plaintext = true: passwords' sealed records and the database password cross the network without TLS".into(),
+                    ),
                 }
                 if !(1..=1024).contains(&pool_size) {
                     return Err(err(path, "[store] pool_size must be between 1 and 1024"));
