@@ -739,3 +739,36 @@ fn the_documented_examples_match_the_pinned_schema() {
     }
     assert!(seen >= 8, "{seen} examples");
 }
+
+#[tokio::test]
+async fn verifying_an_empty_or_deleted_log_fails() {
+    let daemon = Daemon::start();
+    daemon.client().get("/healthz", &[]).await;
+    let (ok, report) = daemon.verify_audit();
+    assert!(ok, "{report}");
+    // Every file emptied: nothing verifies, and that is a failure, not "OK: 0 events".
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("audit-00000000000000000001.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let (code, out) = verify_files(&[empty]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no audit event to verify"), "{out}");
+    // A directory whose files were all deleted fails too.
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "verify", "--audit-key"])
+        .arg(repo().join("policy/dev-audit-key.toml"))
+        .arg("--dir")
+        .arg(dir.path().join("nothing-here"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    std::fs::create_dir(dir.path().join("emptied")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "verify", "--audit-key"])
+        .arg(repo().join("policy/dev-audit-key.toml"))
+        .arg("--dir")
+        .arg(dir.path().join("emptied"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}

@@ -33,6 +33,8 @@ pub enum ProblemKind {
     },
     /// The line's `prev` is not the previous line's MAC.
     BrokenLink,
+    /// Nothing to verify: no file, or no event in any (a deleted log must not pass).
+    NoEvents,
 }
 
 /// The first problem in a chain.
@@ -59,6 +61,9 @@ impl fmt::Display for Problem {
                 "sequence {found} where {expected} was expected (line deleted, inserted or reordered, or a file is missing)"
             ),
             ProblemKind::BrokenLink => "prev does not match the previous line's MAC".to_owned(),
+            ProblemKind::NoEvents => {
+                "no audit event to verify (the log is empty or its files are missing)".to_owned()
+            }
         };
         write!(
             f,
@@ -170,6 +175,15 @@ pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)]) -> Report
             ));
         }
         previous_file = this_file;
+    }
+    if report.events == 0 && report.problem.is_none() {
+        // Verifying nothing proves nothing: a deleted or emptied log fails.
+        report.problem = Some(Problem {
+            file: files.first().map(|(p, _)| p.clone()).unwrap_or_default(),
+            line: 0,
+            seq: 1,
+            kind: ProblemKind::NoEvents,
+        });
     }
     report
 }
