@@ -9,9 +9,11 @@
 //! One request, front to back (see `ARCHITECTURE.md` in the shared docs):
 //!
 //! ```text
-//! server (accept, connection cap, TLS, hyper bounds)
-//!  -> api::Exchange (request id, source, TLS facts)  ... the audit event begins here
-//!  -> api router -> identity (who) -> policy (may they) -> handler (bounded body, validation)
+//! server (accept, per-listener caps and shedding, first-request and idle timers, TLS, hyper bounds)
+//!  -> api::Exchange (request id, source, TLS facts, deadline)  ... the audit event begins here
+//!  -> pre-auth limit (credentials that verify cost nothing; refusals counted in aggregates)
+//!  -> api router -> identity (who: certificate, proxy signature, token file, Keystone)
+//!  -> policy (may they) -> handler (bounded body, validation)
 //!  -> store (registry + sealed chunks, atomic set-once) with crypto sealing/opening
 //!  -> audit (exactly one event, durable before a mutation is acknowledged) -> response
 //! ```
