@@ -9,7 +9,6 @@ answered and OK.
 """
 
 import base64
-import os
 import sys
 
 from cryptography.hazmat.primitives import serialization
@@ -19,17 +18,15 @@ from cloudbaseinit.metadata.services import httpservice
 from cloudbaseinit.plugins.common import setuserpassword
 
 from interop_common import configure_cloudbase
-from neutron_proxy import NeutronProxy
+from neutron_proxy import dev_proxy
 
 CONF = httpservice.CONF
 
 
 def main():
     port, instance_id, tenant_id, repo = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    certs = os.path.join(repo, "certs-dev")
-    ca = os.path.join(certs, "ca.pem")
-    with NeutronProxy(int(port), instance_id, tenant_id, "dev-metadata-proxy-secret", ca,
-                      os.path.join(certs, "server.pem"), os.path.join(certs, "server.key")) as proxy:
+    proxy, ca = dev_proxy(port, instance_id, tenant_id, repo)
+    with proxy:
         configure_cloudbase(CONF, proxy.port, ca)
         assert CONF.retry_count == 5 and CONF.retry_count_interval == 4, "defaults"
 

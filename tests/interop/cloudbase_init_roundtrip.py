@@ -7,7 +7,6 @@ decrypts it with the private key, and a second post must fail with 409. Prints O
 """
 
 import base64
-import os
 import sys
 
 import requests
@@ -21,17 +20,15 @@ from cloudbaseinit.plugins.common import setuserpassword
 from cloudbaseinit.utils import crypt
 
 from interop_common import configure_cloudbase
-from neutron_proxy import NeutronProxy
+from neutron_proxy import dev_proxy
 
 CONF = httpservice.CONF
 
 
 def main():
     port, instance_id, tenant_id, repo = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-    certs = os.path.join(repo, "certs-dev")
-    ca = os.path.join(certs, "ca.pem")
-    with NeutronProxy(int(port), instance_id, tenant_id, "dev-metadata-proxy-secret", ca,
-                      os.path.join(certs, "server.pem"), os.path.join(certs, "server.key")) as proxy:
+    proxy, ca = dev_proxy(port, instance_id, tenant_id, repo)
+    with proxy:
         configure_cloudbase(CONF, proxy.port, ca)
         CONF.set_override("retry_count", 0)
 

@@ -16,6 +16,7 @@ So tests see what a guest behind the real proxy sees.
 import hashlib
 import hmac
 import http.server
+import os
 import ssl
 import threading
 
@@ -95,3 +96,13 @@ class NeutronProxy:
 
     def __exit__(self, *exc):
         self.server.shutdown()
+
+
+def dev_proxy(upstream_port, instance_id, tenant_id, repo):
+    """The stand-in with the dev shared secret and the dev certificates, in front of metapass on
+    `upstream_port`; returns it and the dev CA file."""
+    certs = os.path.join(repo, "certs-dev")
+    ca = os.path.join(certs, "ca.pem")
+    proxy = NeutronProxy(int(upstream_port), instance_id, tenant_id, "dev-metadata-proxy-secret", ca,
+                         os.path.join(certs, "server.pem"), os.path.join(certs, "server.key"))
+    return proxy, ca
