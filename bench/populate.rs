@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use metapass::config::{Config, Overrides};
 use metapass::crypto::RecordBinding;
 use metapass::ids::{InstanceId, ProjectId};
-use metapass::store::{Backend, PASSWORD_FIELD, Store, open_gate};
+use metapass::store::{Backend, PASSWORD_FIELD, Registration, Store, open_gate};
 
 /// The blob every instance holds: 344 base64 characters (256 bytes, as an RSA-2048 ciphertext).
 pub const BLOB: &str = concat!(
@@ -81,7 +81,9 @@ fn main() -> Result<(), String> {
                 async move {
                     let text = instance(i);
                     let id = InstanceId::parse(&text).expect("benchmark id");
-                    store.register(&id, &project, open_gate()).await?;
+                    store
+                        .register(&id, &project, Registration::Ordinary, open_gate())
+                        .await?;
                     if i < with_password {
                         let key_id = keyring.active_key_id();
                         let seal = Box::new(move |version| {

@@ -18,7 +18,7 @@ use metapass::config::{Config, Overrides};
 use metapass::crypto::{Keyring, RecordBinding};
 use metapass::identity::ProxySigner;
 use metapass::ids::{InstanceId, ProjectId};
-use metapass::store::{PASSWORD_FIELD, Store, chunks, open_gate};
+use metapass::store::{PASSWORD_FIELD, Registration, Store, chunks, open_gate};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -97,7 +97,7 @@ fn handler(c: &mut Criterion) {
         let id = InstanceId::parse(INSTANCE).unwrap();
         let project = ProjectId::parse("project-a").unwrap();
         app.store
-            .register(&id, &project, open_gate())
+            .register(&id, &project, Registration::Ordinary, open_gate())
             .await
             .unwrap();
         let keyring = app.keyring();

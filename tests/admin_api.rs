@@ -258,3 +258,43 @@ async fn deleting_an_instance_purges_its_sealed_bytes_from_every_file() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_deleted_instance_goes_to_another_project_only_on_the_operators_explicit_word() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let admin = [("x-auth-token", ADMIN_TOKEN)];
+    let id = new_instance();
+    client.register(&id, "project-a").await;
+    let deleted = client.send(Method::DELETE, &path(&id), &admin, "").await;
+    assert_eq!(deleted.status, 204);
+    let moved = client
+        .send(
+            Method::PUT,
+            &path(&id),
+            &admin,
+            r#"{"project_id": "project-b"}"#,
+        )
+        .await;
+    assert_eq!(moved.status, 409, "{}", moved.text());
+    assert!(moved.error_message().contains("replace_deleted"));
+    assert_eq!(client.get(&path(&id), &admin).await.status, 404);
+    let replaced = client
+        .send(
+            Method::PUT,
+            &path(&id),
+            &admin,
+            r#"{"project_id": "project-b", "replace_deleted": true}"#,
+        )
+        .await;
+    assert_eq!(replaced.status, 201, "{}", replaced.text());
+    assert_eq!(
+        client.get(&path(&id), &admin).await.json()["project_id"],
+        "project-b"
+    );
+    let events = daemon.audit_events();
+    assert_eq!(
+        event_for(&events, &moved.request_id())["unmapped"]["reason"],
+        "conflict"
+    );
+}

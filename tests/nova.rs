@@ -461,6 +461,29 @@ async fn nova_notifications_keep_the_registry_true() {
     let purged = client.get_password(&id, A).await;
     assert_eq!((purged.status, purged.body.len()), (200, 0));
 
+    // A create notification for the deleted id with another tenant does not move it there: the
+    // tombstone refuses, audited as a conflict, and nothing is registered.
+    let creates_before = sync_events(&daemon, "sync:create").len();
+    broker
+        .publish(oslo_notification(
+            "instance.create.end",
+            json!({"uuid": id, "tenant_id": "project-b"}),
+        ))
+        .await;
+    eventually("the refused re-registration", || async {
+        sync_events(&daemon, "sync:create").len() > creates_before
+    })
+    .await;
+    let refused = sync_events(&daemon, "sync:create").pop().unwrap();
+    assert_eq!(refused["status_code"], "409", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("deleted from another project")
+    );
+    assert_eq!(admin_get(id.clone()).await.status, 404);
+
     let schema = schema_validator();
     let events = daemon.audit_events();
     for event in events.iter().filter(|e| {

@@ -12,7 +12,7 @@ use metapass::crypto::{KeyId, Keyring, MAX_SEALS_PER_KEY, RecordBinding};
 use metapass::ids::{InstanceId, ProjectId};
 use metapass::store::{
     Backend, ClearOutcome, DeleteOutcome, Gate, GateDenied, KeySync, PASSWORD_FIELD,
-    RegisterOutcome, RewrapOutcome, SetOutcome, Store, StoreError, chunks, open_gate,
+    RegisterOutcome, Registration, RewrapOutcome, SetOutcome, Store, StoreError, chunks, open_gate,
 };
 use zeroize::Zeroizing;
 
@@ -142,7 +142,7 @@ fn refusing_gate<O>() -> Gate<O> {
 
 async fn register(store: &Backend, id: &InstanceId, owner: &str) {
     let outcome = store
-        .register(id, &project(owner), open_gate())
+        .register(id, &project(owner), Registration::Ordinary, open_gate())
         .await
         .unwrap();
     assert_eq!(outcome, RegisterOutcome::Created);
@@ -208,11 +208,21 @@ async fn registration_is_idempotent_per_project(f: &Fixture) {
     let id = new_id();
     register(store, &id, "project-a").await;
     let again = store
-        .register(&id, &project("project-a"), open_gate())
+        .register(
+            &id,
+            &project("project-a"),
+            Registration::Ordinary,
+            open_gate(),
+        )
         .await;
     assert_eq!(again.unwrap(), RegisterOutcome::Unchanged);
     let other = store
-        .register(&id, &project("project-b"), open_gate())
+        .register(
+            &id,
+            &project("project-b"),
+            Registration::Ordinary,
+            open_gate(),
+        )
         .await;
     assert_eq!(other.unwrap(), RegisterOutcome::OwnedByOther);
     let record = store.instance(&id).await.unwrap().unwrap();
@@ -220,6 +230,61 @@ async fn registration_is_idempotent_per_project(f: &Fixture) {
     assert!(!record.password_set);
     assert!(store.instance(&new_id()).await.unwrap().is_none());
     store.ping().await.unwrap();
+}
+
+async fn a_deleted_id_is_not_given_to_another_project_without_an_operator(f: &Fixture) {
+    let store = &f.store;
+    let id = new_id();
+    register(store, &id, "project-a").await;
+    let deleted = store.delete_instance(&id, open_gate()).await.unwrap();
+    assert_eq!(deleted, DeleteOutcome::Deleted);
+    // The tombstone: another project is refused, and nothing is registered.
+    let moved = store
+        .register(
+            &id,
+            &project("project-b"),
+            Registration::Ordinary,
+            open_gate(),
+        )
+        .await;
+    assert_eq!(moved.unwrap(), RegisterOutcome::DeletedFromOther);
+    assert!(store.instance(&id).await.unwrap().is_none());
+    // The same project may register it again (Nova re-sending its create notification).
+    let back = store
+        .register(
+            &id,
+            &project("project-a"),
+            Registration::Ordinary,
+            open_gate(),
+        )
+        .await;
+    assert_eq!(back.unwrap(), RegisterOutcome::Created);
+    // Deleted again, an operator may give it to another project, explicitly; that clears the
+    // tombstone, so the next delete records the new owner.
+    store.delete_instance(&id, open_gate()).await.unwrap();
+    let replaced = store
+        .register(
+            &id,
+            &project("project-b"),
+            Registration::ReplacingDeleted,
+            open_gate(),
+        )
+        .await;
+    assert_eq!(replaced.unwrap(), RegisterOutcome::Created);
+    assert_eq!(
+        store.instance(&id).await.unwrap().unwrap().project_id,
+        "project-b"
+    );
+    store.delete_instance(&id, open_gate()).await.unwrap();
+    let to_a = store
+        .register(
+            &id,
+            &project("project-a"),
+            Registration::Ordinary,
+            open_gate(),
+        )
+        .await;
+    assert_eq!(to_a.unwrap(), RegisterOutcome::DeletedFromOther);
 }
 
 async fn of_concurrent_sets_exactly_one_wins(f: &Fixture) {
@@ -325,7 +390,12 @@ async fn a_refused_gate_commits_nothing(f: &Fixture) {
     let id = new_id();
     let refused = f
         .store
-        .register(&id, &project("project-a"), refusing_gate())
+        .register(
+            &id,
+            &project("project-a"),
+            Registration::Ordinary,
+            refusing_gate(),
+        )
         .await;
     assert!(matches!(
         refused,
@@ -511,6 +581,7 @@ macro_rules! contract {
 
 contract!(
     registration_is_idempotent_per_project,
+    a_deleted_id_is_not_given_to_another_project_without_an_operator,
     of_concurrent_sets_exactly_one_wins,
     versions_only_grow_and_are_never_reused,
     a_refused_gate_commits_nothing,

@@ -21,7 +21,7 @@ use metapass::crypto::{Keyring, RecordBinding};
 use metapass::identity::{ClientCert, Role};
 use metapass::ids::{InstanceId, ProjectId};
 use metapass::policy::{Action, Policy, Principal, Target};
-use metapass::store::{PASSWORD_FIELD, Store, chunks, open_gate};
+use metapass::store::{PASSWORD_FIELD, Registration, Store, chunks, open_gate};
 
 /// The repository root, whether this file is compiled in the fuzz crate or in the main crate.
 fn repo() -> PathBuf {
@@ -62,7 +62,7 @@ impl Fixture {
                         let project = ProjectId::parse(project).unwrap();
                         self.app
                             .store
-                            .register(&id, &project, open_gate())
+                            .register(&id, &project, Registration::Ordinary, open_gate())
                             .await
                             .expect("re-register");
                     }
@@ -121,7 +121,7 @@ fn fixture() -> &'static Fixture {
                     ProjectId::parse(project).unwrap(),
                 );
                 app.store
-                    .register(&id, &project, open_gate())
+                    .register(&id, &project, Registration::Ordinary, open_gate())
                     .await
                     .expect("register");
             }

@@ -27,6 +27,10 @@ const INSTANCES_PREFIX: &str = "/admin/v1/instances/";
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
     project_id: String,
+    /// The operator's explicit word that an id deleted from another project may be registered
+    /// to this one (its tombstone is then dropped).
+    #[serde(default)]
+    replace_deleted: bool,
 }
 
 #[derive(Serialize)]
@@ -133,6 +137,11 @@ pub(crate) fn answer_register(
             Reason::Conflict,
             "The instance is registered to another project.",
         )),
+        RegisterOutcome::DeletedFromOther => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            Reason::Conflict,
+            "This instance id was deleted from another project; an operator may register it again with \"replace_deleted\": true.",
+        )),
     }
 }
 
@@ -177,7 +186,12 @@ async fn register<B: super::RequestBody>(
         .map_err(|e| ApiError::bad_request(Reason::BodyInvalid, e.to_string()))?;
     ex.facts.target_project = Some(project.to_string());
     let (gate, invoked) = ex.gate(app, answer_register);
-    let result = app.store.register(id, &project, gate).await;
+    let how = if parsed.replace_deleted {
+        crate::store::Registration::ReplacingDeleted
+    } else {
+        crate::store::Registration::Ordinary
+    };
+    let result = app.store.register(id, &project, how, gate).await;
     ex.settle_gate(&invoked, &result);
     let outcome = result.map_err(|e| store_failure(&e))?;
     let status = answer_register(&outcome, &mut ex.facts)?;

@@ -314,7 +314,7 @@ async fn import_one(app: &App, row: NovaInstance, report: &mut ImportReport) -> 
         ProjectId::parse(row.project.as_deref().unwrap_or_default()).map_err(|e| e.to_string())?;
     let detail = format!("imported from Nova (instance row {})", row.id);
     match register(app, "import:instance", &id, &project, detail).await {
-        Ok(RegisterOutcome::OwnedByOther) => {
+        Ok(RegisterOutcome::OwnedByOther | RegisterOutcome::DeletedFromOther) => {
             report.conflicts += 1;
             return Ok(());
         }

@@ -46,7 +46,10 @@ async fn register(
     );
     task.facts.detail = Some(detail);
     let (gate, invoked) = task.gate(app, crate::api::admin::answer_register);
-    let result = app.store.register(id, project, gate).await;
+    let result = app
+        .store
+        .register(id, project, crate::store::Registration::Ordinary, gate)
+        .await;
     task.settle_gate(&invoked, &result);
     finish(app, task, result).await
 }

@@ -89,6 +89,48 @@ pub enum RegisterOutcome {
     Unchanged,
     /// Registered to another project; nothing changed.
     OwnedByOther,
+    /// The id was deleted from another project (its tombstone says which): only an operator's
+    /// explicit [`Registration::ReplacingDeleted`] registers it again; nothing changed.
+    DeletedFromOther,
+}
+
+/// Who asks for a registration, as far as tombstones care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// A notification, an import, a lookup, or an operator without more: an id deleted from
+    /// another project stays deleted.
+    Ordinary,
+    /// An operator who says so explicitly: the id may be registered to a project other than the
+    /// one it was deleted from.
+    ReplacingDeleted,
+}
+
+/// What a backend does with a registration, given the id's row and tombstone (the rule shared by
+/// the backends; they only run the SQL around it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RegisterPlan {
+    /// Answer this; nothing to write.
+    Answer(RegisterOutcome),
+    /// Insert the row (and drop any tombstone).
+    Insert,
+}
+
+/// The registration rule: an existing row decides; else a tombstone of another project refuses
+/// unless an operator replaces it; else insert.
+pub(crate) fn plan_register(
+    existing: Option<&str>,
+    tombstone: Option<&str>,
+    project: &str,
+    how: Registration,
+) -> RegisterPlan {
+    match (existing, tombstone) {
+        (Some(owner), _) if owner == project => RegisterPlan::Answer(RegisterOutcome::Unchanged),
+        (Some(_), _) => RegisterPlan::Answer(RegisterOutcome::OwnedByOther),
+        (None, Some(deleted_from)) if deleted_from != project && how == Registration::Ordinary => {
+            RegisterPlan::Answer(RegisterOutcome::DeletedFromOther)
+        }
+        (None, _) => RegisterPlan::Insert,
+    }
 }
 
 /// What a set-once did.
@@ -280,11 +322,13 @@ pub async fn within_deadline<T>(
 /// The storage operations metapass needs. Implemented by [`sqlite::SqliteStore`] and
 /// [`postgres::PostgresStore`]; [`Backend`] is whichever the configuration names.
 pub trait Store: Send + Sync + 'static {
-    /// Registers `id` to `project` (idempotent for the same project).
+    /// Registers `id` to `project` (idempotent for the same project). An id deleted from another
+    /// project is refused unless `how` is [`Registration::ReplacingDeleted`].
     fn register(
         &self,
         id: &InstanceId,
         project: &ProjectId,
+        how: Registration,
         gate: Gate<RegisterOutcome>,
     ) -> impl Future<Output = Result<RegisterOutcome, StoreError>> + Send;
 
@@ -427,9 +471,10 @@ impl Store for Backend {
         &self,
         id: &InstanceId,
         project: &ProjectId,
+        how: Registration,
         gate: Gate<RegisterOutcome>,
     ) -> Result<RegisterOutcome, StoreError> {
-        delegate!(self.register(id, project, gate))
+        delegate!(self.register(id, project, how, gate))
     }
 
     async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {

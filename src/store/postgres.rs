@@ -30,8 +30,9 @@ use tokio_postgres::{GenericClient, NoTls};
 
 use super::{
     ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX,
-    PASSWORD_FIELD, PasswordRecord, RegisterOutcome, ResealFn, RewrapCandidate, RewrapOutcome,
-    SealFn, SetOutcome, Store, StoreError, chunks, key_id_from, now_unix, to_i64, version_from,
+    PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan, Registration, ResealFn,
+    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from,
+    now_unix, plan_register, to_i64, version_from,
 };
 use crate::config::PostgresSettings;
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
@@ -63,6 +64,12 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE SEQUENCE record_versions AS bigint MINVALUE 1;
      CREATE INDEX instances_by_key ON instances (password_key_id) WHERE password_set;",
+    // 2: tombstones: which project a deleted instance id belonged to.
+    "CREATE TABLE deleted_instances (
+        instance_id text NOT NULL PRIMARY KEY,
+        project_id text NOT NULL,
+        deleted_at bigint NOT NULL
+     );",
 ];
 
 /// The advisory lock that serialises migrations between replicas (an arbitrary constant).
@@ -404,11 +411,30 @@ impl Store for PostgresStore {
         &self,
         id: &InstanceId,
         project: &ProjectId,
+        how: Registration,
         gate: Gate<RegisterOutcome>,
     ) -> Result<RegisterOutcome, StoreError> {
         let (id, project) = (id.as_str(), project.as_str());
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
+        let existing = instance_row(&*tx, id).await?;
+        let tombstone: Option<String> = tx
+            .query_opt(
+                "SELECT project_id FROM deleted_instances WHERE instance_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?
+            .map(|row| row.get(0));
+        let plan = plan_register(
+            existing.as_ref().map(|r| r.project_id.as_str()),
+            tombstone.as_deref(),
+            project,
+            how,
+        );
+        if let RegisterPlan::Answer(outcome) = plan {
+            return settle(tx, gate, outcome).await;
+        }
         let inserted = tx
             .execute(
                 "INSERT INTO instances (instance_id, project_id, created_at, updated_at)
@@ -418,6 +444,12 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         let outcome = if inserted == 1 {
+            tx.execute(
+                "DELETE FROM deleted_instances WHERE instance_id = $1",
+                &[&id],
+            )
+            .await
+            .map_err(db_err)?;
             RegisterOutcome::Created
         } else {
             let existing = instance_row(&*tx, id)
@@ -772,14 +804,29 @@ impl Store for PostgresStore {
         )
         .await
         .map_err(db_err)?;
-        let deleted = tx
-            .execute("DELETE FROM instances WHERE instance_id = $1", &[&id])
+        let deleted_from: Option<String> = tx
+            .query_opt(
+                "DELETE FROM instances WHERE instance_id = $1 RETURNING project_id",
+                &[&id],
+            )
             .await
-            .map_err(db_err)?;
-        let outcome = if deleted == 1 {
-            DeleteOutcome::Deleted
-        } else {
-            DeleteOutcome::NotFound
+            .map_err(db_err)?
+            .map(|row| row.get(0));
+        let outcome = match deleted_from {
+            Some(project) => {
+                // The tombstone: no notification or import may give this id to another project.
+                tx.execute(
+                    "INSERT INTO deleted_instances (instance_id, project_id, deleted_at)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (instance_id) DO UPDATE SET project_id = excluded.project_id,
+                        deleted_at = excluded.deleted_at",
+                    &[&id, &project, &now_unix()],
+                )
+                .await
+                .map_err(db_err)?;
+                DeleteOutcome::Deleted
+            }
+            None => DeleteOutcome::NotFound,
         };
         settle(tx, gate, outcome).await
     }

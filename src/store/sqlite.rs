@@ -23,9 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ClearOutcome, DeleteOutcome, Gate, GateTicket, InstanceRecord, KeySync, KeyUsage,
-    PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, ResealFn,
-    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from,
-    now_unix, to_i64, version_from,
+    PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
+    Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError,
+    chunks, key_id_from, now_unix, plan_register, to_i64, version_from,
 };
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
 use crate::ids::{InstanceId, ProjectId};
@@ -71,6 +71,12 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO record_versions (id, last)
         SELECT 1, coalesce(max(password_version), 0) FROM instances;
      CREATE INDEX instances_by_key ON instances (password_key_id) WHERE password_set = 1;",
+    // 3: tombstones: which project a deleted instance id belonged to.
+    "CREATE TABLE deleted_instances (
+        instance_id TEXT NOT NULL PRIMARY KEY,
+        project_id TEXT NOT NULL,
+        deleted_at INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// A job for the writer thread: runs inside the batch transaction, then hears how the batch ended.
@@ -608,10 +614,27 @@ impl Store for SqliteStore {
         &self,
         id: &InstanceId,
         project: &ProjectId,
+        how: Registration,
         gate: Gate<RegisterOutcome>,
     ) -> Result<RegisterOutcome, StoreError> {
         let (id, project) = (id.to_string(), project.to_string());
         self.write(gate, false, move |conn| {
+            let existing = instance_row(conn, &id)?;
+            let tombstone: Option<String> = conn
+                .prepare_cached("SELECT project_id FROM deleted_instances WHERE instance_id = ?1")
+                .map_err(db_err)?
+                .query_row([&id], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            let plan = plan_register(
+                existing.as_ref().map(|r| r.project_id.as_str()),
+                tombstone.as_deref(),
+                &project,
+                how,
+            );
+            if let RegisterPlan::Answer(outcome) = plan {
+                return Ok(outcome);
+            }
             let now = now_unix();
             let inserted = conn
                 .prepare_cached(
@@ -622,6 +645,10 @@ impl Store for SqliteStore {
                 .execute(params![id, project, now])
                 .map_err(db_err)?;
             if inserted == 1 {
+                conn.prepare_cached("DELETE FROM deleted_instances WHERE instance_id = ?1")
+                    .map_err(db_err)?
+                    .execute([&id])
+                    .map_err(db_err)?;
                 return Ok(RegisterOutcome::Created);
             }
             let existing = instance_row(conn, &id)?
@@ -923,16 +950,26 @@ impl Store for SqliteStore {
                 .map_err(db_err)?
                 .execute([&id])
                 .map_err(db_err)?;
-            let deleted = conn
-                .prepare_cached("DELETE FROM instances WHERE instance_id = ?1")
+            let deleted_from: Option<String> = conn
+                .prepare_cached("DELETE FROM instances WHERE instance_id = ?1 RETURNING project_id")
                 .map_err(db_err)?
-                .execute([&id])
+                .query_row([&id], |r| r.get(0))
+                .optional()
                 .map_err(db_err)?;
-            Ok(if deleted == 1 {
-                DeleteOutcome::Deleted
-            } else {
-                DeleteOutcome::NotFound
-            })
+            let Some(project) = deleted_from else {
+                return Ok(DeleteOutcome::NotFound);
+            };
+            // The tombstone: no notification or import may give this id to another project.
+            conn.prepare_cached(
+                "INSERT INTO deleted_instances (instance_id, project_id, deleted_at)
+                 VALUES (?1, ?2, ?3)
+                 ON CONFLICT (instance_id) DO UPDATE SET project_id = excluded.project_id,
+                    deleted_at = excluded.deleted_at",
+            )
+            .map_err(db_err)?
+            .execute(params![id, project, now_unix()])
+            .map_err(db_err)?;
+            Ok(DeleteOutcome::Deleted)
         })
         .await
     }
@@ -977,7 +1014,9 @@ mod tests {
                         Ok(())
                     })
                 });
-                store.register(&id, &project, slow_but_fine).await
+                store
+                    .register(&id, &project, Registration::Ordinary, slow_but_fine)
+                    .await
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -988,7 +1027,14 @@ mod tests {
                 let (store, project) = (store.clone(), project.clone());
                 tokio::spawn(async move {
                     let id = InstanceId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
-                    store.register(&id, &project, stuck_gate(ack_timeout)).await
+                    store
+                        .register(
+                            &id,
+                            &project,
+                            Registration::Ordinary,
+                            stuck_gate(ack_timeout),
+                        )
+                        .await
                 })
             })
             .collect();
@@ -1021,7 +1067,10 @@ mod tests {
             Box::pin(async { Ok(()) })
         });
         let result = super::super::DEADLINE
-            .scope(past, store.register(&id, &project, gate))
+            .scope(
+                past,
+                store.register(&id, &project, Registration::Ordinary, gate),
+            )
             .await;
         assert!(matches!(result, Err(StoreError::DeadlinePassed)));
         assert!(!gate_called.load(std::sync::atomic::Ordering::SeqCst));
