@@ -205,6 +205,21 @@ fn a_database_password_must_come_from_an_owner_only_file() {
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2-db"), "{stderr}");
+    // Outside dev mode Keystone is reached over https only (tokens and metapass's password).
+    let plain_keystone = dir.path().join("plain-keystone.toml");
+    std::fs::write(
+        &plain_keystone,
+        text.replace(
+            "auth_url = \"https://keystone.example.internal:5000/v3\"",
+            "auth_url = \"http://keystone.example.internal:5000/v3\"",
+        ),
+    )
+    .unwrap();
+    let stderr = serve_must_fail(&plain_keystone);
+    assert!(
+        stderr.contains("must be https:// outside dev_mode"),
+        "{stderr}"
+    );
     // Outside dev mode the database is reached over TLS, unless that is waived explicitly.
     std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o600)).unwrap();
     let stderr = serve_must_fail(&with_store(&store));

@@ -258,3 +258,35 @@ async fn real_clients_with_keystone_sessions_read_and_clear() {
         .count();
     assert!(keystone_reads >= 3, "{keystone_reads}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keystone_whose_certificate_does_not_chain_to_ca_file_is_not_asked() {
+    let Some(ks) = keystone::shared() else { return };
+    // Keystone serves the dev CA's certificate; metapass trusts only a foreign CA here.
+    let dir = tempfile::tempdir().unwrap();
+    let config = ks.config(dir.path(), &ks.auth_url(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let ca = repo().join("certs-dev/ca.pem").display().to_string();
+    let foreign = repo()
+        .join("certs-dev/foreign-ca.pem")
+        .display()
+        .to_string();
+    let (head, keystone_section) = text.split_at(text.find("[keystone]").unwrap());
+    std::fs::write(
+        &config,
+        format!("{head}{}", keystone_section.replace(&ca, &foreign)),
+    )
+    .unwrap();
+    let (daemon, id) = started_with_password(&ks, &config, dir).await;
+    let alice = ks.token("alice").await;
+    let refused = daemon
+        .client()
+        .get(&password_path(&id), &[("x-auth-token", &alice)])
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    let events = daemon.audit_events();
+    assert_eq!(
+        event_for(&events, &refused.request_id())["unmapped"]["reason"],
+        "identity_unavailable"
+    );
+}

@@ -235,56 +235,45 @@ async fn registration_is_idempotent_per_project(f: &Fixture) {
 async fn a_deleted_id_is_not_given_to_another_project_without_an_operator(f: &Fixture) {
     let store = &f.store;
     let id = new_id();
+    let register_to = |owner: &'static str, how: Registration| {
+        let id = id.clone();
+        async move {
+            store
+                .register(&id, &project(owner), how, open_gate())
+                .await
+                .unwrap()
+        }
+    };
+    let delete = || async { store.delete_instance(&id, open_gate()).await.unwrap() };
     register(store, &id, "project-a").await;
-    let deleted = store.delete_instance(&id, open_gate()).await.unwrap();
-    assert_eq!(deleted, DeleteOutcome::Deleted);
+    assert_eq!(delete().await, DeleteOutcome::Deleted);
     // The tombstone: another project is refused, and nothing is registered.
-    let moved = store
-        .register(
-            &id,
-            &project("project-b"),
-            Registration::Ordinary,
-            open_gate(),
-        )
-        .await;
-    assert_eq!(moved.unwrap(), RegisterOutcome::DeletedFromOther);
+    assert_eq!(
+        register_to("project-b", Registration::Ordinary).await,
+        RegisterOutcome::DeletedFromOther
+    );
     assert!(store.instance(&id).await.unwrap().is_none());
     // The same project may register it again (Nova re-sending its create notification).
-    let back = store
-        .register(
-            &id,
-            &project("project-a"),
-            Registration::Ordinary,
-            open_gate(),
-        )
-        .await;
-    assert_eq!(back.unwrap(), RegisterOutcome::Created);
+    assert_eq!(
+        register_to("project-a", Registration::Ordinary).await,
+        RegisterOutcome::Created
+    );
     // Deleted again, an operator may give it to another project, explicitly; that clears the
     // tombstone, so the next delete records the new owner.
-    store.delete_instance(&id, open_gate()).await.unwrap();
-    let replaced = store
-        .register(
-            &id,
-            &project("project-b"),
-            Registration::ReplacingDeleted,
-            open_gate(),
-        )
-        .await;
-    assert_eq!(replaced.unwrap(), RegisterOutcome::Created);
+    delete().await;
+    assert_eq!(
+        register_to("project-b", Registration::ReplacingDeleted).await,
+        RegisterOutcome::Created
+    );
     assert_eq!(
         store.instance(&id).await.unwrap().unwrap().project_id,
         "project-b"
     );
-    store.delete_instance(&id, open_gate()).await.unwrap();
-    let to_a = store
-        .register(
-            &id,
-            &project("project-a"),
-            Registration::Ordinary,
-            open_gate(),
-        )
-        .await;
-    assert_eq!(to_a.unwrap(), RegisterOutcome::DeletedFromOther);
+    delete().await;
+    assert_eq!(
+        register_to("project-a", Registration::Ordinary).await,
+        RegisterOutcome::DeletedFromOther
+    );
 }
 
 async fn of_concurrent_sets_exactly_one_wins(f: &Fixture) {
