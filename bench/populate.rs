@@ -88,6 +88,7 @@ fn main() -> Result<(), String> {
                         let key_id = keyring.active_key_id();
                         let seal = Box::new(move |version| {
                             let binding = RecordBinding {
+                                project_id: "project-a",
                                 instance_id: &text,
                                 field: PASSWORD_FIELD,
                                 version,

@@ -32,6 +32,7 @@ fn blob() -> Vec<u8> {
 fn crypto(c: &mut Criterion) {
     let keyring = Keyring::new(&[(1, Zeroizing::new(vec![7; 32]))], 1).unwrap();
     let binding = RecordBinding {
+        project_id: "project-a",
         instance_id: INSTANCE,
         field: PASSWORD_FIELD,
         version: 42,
@@ -103,6 +104,7 @@ fn handler(c: &mut Criterion) {
         let keyring = app.keyring();
         let seal = Box::new(move |version| {
             let binding = RecordBinding {
+                project_id: "project-a",
                 instance_id: INSTANCE,
                 field: PASSWORD_FIELD,
                 version,

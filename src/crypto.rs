@@ -3,14 +3,19 @@
 //! A sealed record is
 //!
 //! ```text
-//! [format = 0x01][key id: u32 BE][nonce: 12 bytes][ciphertext of the padded plaintext][tag: 16 bytes]
+//! [format = 0x02][key id: u32 BE][nonce: 12 bytes][ciphertext of the padded plaintext][tag: 16 bytes]
 //! ```
 //!
 //! The plaintext is padded to [`PADDED_LEN`] bytes (`[length: u16 BE][text][zeros]`) before sealing,
 //! so every sealed record has the same length ([`SEALED_LEN`]) whatever the password's length.
-//! The additional authenticated data binds the record to where it belongs: the instance id, the field
-//! name, the record version and the key id. A record copied to another instance or field, restored
-//! from an older version, or relabelled with another key id fails to open.
+//! The additional authenticated data binds the record to where it belongs: the owning project, the
+//! instance id, the field name, the record version and the key id. A record copied to another
+//! instance or field, restored from an older version, relabelled with another key id, or whose
+//! instance row was edited to name another project fails to open.
+//!
+//! Format 1 (written before the project was bound) is still opened, with its own AAD, which does
+//! not name the project; such records become format 2 when they are next sealed (a new post or a
+//! rewrap after a key rotation).
 //!
 //! Nonces are 96 random bits from `ring::rand::SystemRandom`; the store counts the seals made under
 //! each key and refuses more than [`MAX_SEALS_PER_KEY`] (far below the 2^32 random-nonce bound of
@@ -28,8 +33,10 @@ use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-/// The sealed-record format written by this version.
+/// The sealed-record format of metapass before the owning project was bound (opened, never written).
 pub const FORMAT_V1: u8 = 0x01;
+/// The sealed-record format written by this version: the owning project is in the AAD.
+pub const FORMAT_V2: u8 = 0x02;
 /// The length of a data key in bytes (AES-256).
 pub const KEY_LEN: usize = 32;
 /// The length of the authentication tag.
@@ -43,8 +50,10 @@ pub const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
 /// The length of every sealed record.
 pub const SEALED_LEN: usize = HEADER_LEN + PADDED_LEN + TAG_LEN;
 
-/// Domain separation for the additional authenticated data.
-const AAD_CONTEXT: &[u8] = b"metapass.sealed-record.v1";
+/// Domain separation for the additional authenticated data of format 1.
+const AAD_CONTEXT_V1: &[u8] = b"metapass.sealed-record.v1";
+/// Domain separation for the additional authenticated data of format 2.
+const AAD_CONTEXT_V2: &[u8] = b"metapass.sealed-record.v2";
 
 /// The most records one data key may seal. Random 96-bit nonces stay safe (collision probability
 /// below 2^-32) up to 2^32 seals per key (NIST SP 800-38D, 8.3); metapass stops at 2^30 and the
@@ -65,6 +74,8 @@ pub type KeyId = u32;
 /// Where a sealed record belongs. All of it is authenticated, none of it is encrypted.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordBinding<'a> {
+    /// The project that owns the instance: a row edited to name another project does not open.
+    pub project_id: &'a str,
     /// The instance the record belongs to.
     pub instance_id: &'a str,
     /// The field within the instance's metadata (`password`).
@@ -196,18 +207,29 @@ impl Keyring {
         binding: &RecordBinding<'_>,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, SealError> {
+        self.seal_as(FORMAT_V2, binding, plaintext)
+    }
+
+    /// Seals in a given format: only format 2 in production; tests make format-1 records to
+    /// show that records written before the project was bound still open.
+    fn seal_as(
+        &self,
+        format: u8,
+        binding: &RecordBinding<'_>,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, SealError> {
         if plaintext.len() > MAX_PLAINTEXT_LEN {
             return Err(SealError::TooLong);
         }
         let key_id = self.active;
         let key = &self.keys[&key_id];
-        let aad = additional_data(binding, key_id)?;
+        let aad = additional_data(format, binding, key_id)?;
 
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| SealError::Cipher)?;
 
         let mut out = Vec::with_capacity(SEALED_LEN);
-        out.push(FORMAT_V1);
+        out.push(format);
         out.extend_from_slice(&key_id.to_be_bytes());
         out.extend_from_slice(&nonce);
         // The padded plaintext is written straight into the output and encrypted in place there, so
@@ -228,7 +250,7 @@ impl Keyring {
         binding: &RecordBinding<'_>,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        if sealed.len() != SEALED_LEN || sealed[0] != FORMAT_V1 {
+        if sealed.len() != SEALED_LEN || !matches!(sealed[0], FORMAT_V1 | FORMAT_V2) {
             return Err(OpenError::Malformed);
         }
         let key_id = sealed_key_id(sealed).ok_or(OpenError::Malformed)?;
@@ -236,7 +258,7 @@ impl Keyring {
             .keys
             .get(&key_id)
             .ok_or(OpenError::UnknownKey(key_id))?;
-        let aad = additional_data(binding, key_id).map_err(|_| OpenError::Malformed)?;
+        let aad = additional_data(sealed[0], binding, key_id).map_err(|_| OpenError::Malformed)?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&sealed[5..HEADER_LEN]);
 
@@ -293,19 +315,37 @@ pub fn sealed_key_id(sealed: &[u8]) -> Option<KeyId> {
     Some(KeyId::from_be_bytes(bytes))
 }
 
-/// `context || len(instance) || instance || len(field) || field || version || key id`, every
-/// variable-length part prefixed with its length so that no two bindings frame to the same bytes.
-fn additional_data(binding: &RecordBinding<'_>, key_id: KeyId) -> Result<Vec<u8>, SealError> {
-    let instance = binding.instance_id.as_bytes();
-    let field = binding.field.as_bytes();
-    let instance_len = u8::try_from(instance.len()).map_err(|_| SealError::BindingTooLong)?;
-    let field_len = u8::try_from(field.len()).map_err(|_| SealError::BindingTooLong)?;
-    let mut aad = Vec::with_capacity(AAD_CONTEXT.len() + 2 + instance.len() + field.len() + 12);
-    aad.extend_from_slice(AAD_CONTEXT);
-    aad.push(instance_len);
-    aad.extend_from_slice(instance);
-    aad.push(field_len);
-    aad.extend_from_slice(field);
+/// Format 2: `context || len(project) || project || len(instance) || instance || len(field) ||
+/// field || version || key id`; format 1 lacks the project. Every variable-length part is prefixed
+/// with its length so that no two bindings frame to the same bytes, and the context differs per
+/// format so that no format-1 AAD equals a format-2 one.
+fn additional_data(
+    format: u8,
+    binding: &RecordBinding<'_>,
+    key_id: KeyId,
+) -> Result<Vec<u8>, SealError> {
+    let framed = |part: &str, aad: &mut Vec<u8>| -> Result<(), SealError> {
+        let len = u8::try_from(part.len()).map_err(|_| SealError::BindingTooLong)?;
+        aad.push(len);
+        aad.extend_from_slice(part.as_bytes());
+        Ok(())
+    };
+    let mut aad = Vec::with_capacity(
+        AAD_CONTEXT_V2.len()
+            + 3
+            + binding.project_id.len()
+            + binding.instance_id.len()
+            + binding.field.len()
+            + 12,
+    );
+    if format == FORMAT_V1 {
+        aad.extend_from_slice(AAD_CONTEXT_V1);
+    } else {
+        aad.extend_from_slice(AAD_CONTEXT_V2);
+        framed(binding.project_id, &mut aad)?;
+    }
+    framed(binding.instance_id, &mut aad)?;
+    framed(binding.field, &mut aad)?;
     aad.extend_from_slice(&binding.version.to_be_bytes());
     aad.extend_from_slice(&key_id.to_be_bytes());
     Ok(aad)
@@ -324,6 +364,7 @@ mod tests {
     }
 
     const A: RecordBinding<'static> = RecordBinding {
+        project_id: "project-a",
         instance_id: "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90",
         field: "password",
         version: 1,
@@ -365,7 +406,11 @@ mod tests {
             ..A
         };
         let old_version = RecordBinding { version: 0, ..A };
-        for binding in [other_instance, other_field, old_version] {
+        let other_project = RecordBinding {
+            project_id: "project-b",
+            ..A
+        };
+        for binding in [other_instance, other_field, old_version, other_project] {
             assert_eq!(ring.open(&binding, &sealed), Err(OpenError::Authentication));
         }
     }
@@ -391,6 +436,30 @@ mod tests {
             Err(OpenError::Malformed)
         );
         assert_eq!(ring.open(&A, &[]), Err(OpenError::Malformed));
+    }
+
+    #[test]
+    fn format_1_records_still_open_but_new_ones_bind_the_project() {
+        let ring = keyring(&[1], 1);
+        let old = ring.seal_as(FORMAT_V1, &A, b"secret").unwrap();
+        assert_eq!(old[0], FORMAT_V1);
+        assert_eq!(&*ring.open(&A, &old).unwrap(), b"secret");
+        // Format 1 never named the project (the reason for format 2).
+        let moved = RecordBinding {
+            project_id: "project-b",
+            ..A
+        };
+        assert_eq!(&*ring.open(&moved, &old).unwrap(), b"secret");
+        let new = ring.seal(&A, b"secret").unwrap();
+        assert_eq!(new[0], FORMAT_V2);
+        assert_eq!(ring.open(&moved, &new), Err(OpenError::Authentication));
+        // A format-2 record relabelled as format 1 (to drop the project) does not open.
+        let mut downgraded = new.clone();
+        downgraded[0] = FORMAT_V1;
+        assert_eq!(ring.open(&A, &downgraded), Err(OpenError::Authentication));
+        let mut unknown_format = new;
+        unknown_format[0] = 0x03;
+        assert_eq!(ring.open(&A, &unknown_format), Err(OpenError::Malformed));
     }
 
     #[test]

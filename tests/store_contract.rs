@@ -169,6 +169,7 @@ async fn set_through(
     let (ring_for_seal, instance) = (ring.clone(), id.to_string());
     let seal = Box::new(move |version| {
         let binding = RecordBinding {
+            project_id: "project-a",
             instance_id: &instance,
             field: PASSWORD_FIELD,
             version,
@@ -196,6 +197,7 @@ async fn read(store: &Backend, ring: &Keyring, id: &InstanceId) -> Option<Vec<u8
     }
     let joined = chunks::join(PASSWORD_FIELD, &record.chunks).expect("chunks join");
     let binding = RecordBinding {
+        project_id: &record.instance.project_id,
         instance_id: id.as_str(),
         field: PASSWORD_FIELD,
         version: record.instance.password_version,
@@ -494,6 +496,7 @@ async fn rewrap_moves_records_to_the_active_key(f: &Fixture) {
         let instance = candidate.id.to_string();
         let reseal = Box::new(move |sealed: &[u8], old_version: u64, new_version: u64| {
             let open = RecordBinding {
+                project_id: "project-a",
                 instance_id: &instance,
                 field: PASSWORD_FIELD,
                 version: old_version,

@@ -398,3 +398,50 @@ async fn every_request_yields_exactly_one_audit_event_and_the_chain_verifies() {
     let all = requests + 1;
     assert!(out.contains(&format!("OK: {all} events")), "{out}");
 }
+
+/// An attacker with write access to the database moves an instance to their own project:
+/// `UPDATE instances SET project_id = 'project-b'`. The seal binds the owning project, so the
+/// moved record opens for nobody: project-b's owner and a guest claiming project-b get the
+/// integrity failure (500, audited Critical), project-a's owner now gets the missing-instance 404,
+/// and the password is in no answer.
+#[tokio::test]
+async fn a_project_edited_in_the_database_releases_nothing() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let db = daemon.db_path();
+    let id = new_instance();
+    client.register(&id, A).await;
+    let secret = "moved-project-secret-5f1c";
+    assert_eq!(client.post_password(&id, A, secret).await.status, 200);
+    let owner_path = format!("/v2.1/servers/{id}/os-server-password");
+    let before = client.get(&owner_path, &[("x-auth-token", TOKEN_A)]).await;
+    assert_eq!(before.status, 200);
+    assert!(before.text().contains(secret));
+
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let moved = conn
+        .execute(
+            "UPDATE instances SET project_id = 'project-b' WHERE instance_id = ?1",
+            [&id],
+        )
+        .unwrap();
+    assert_eq!(moved, 1);
+
+    let as_b = client.get(&owner_path, &[("x-auth-token", TOKEN_B)]).await;
+    assert_eq!(as_b.status, 500, "{}", as_b.text());
+    assert!(as_b.error_message().contains("integrity"));
+    assert!(!as_b.text().contains(secret));
+    let events = daemon.audit_events();
+    let event = event_for(&events, &as_b.request_id());
+    assert_eq!(event["unmapped"]["reason"], "integrity");
+    assert_eq!(event["severity"], "Critical");
+
+    let guest_b = client.get_password(&id, "project-b").await;
+    assert_eq!(guest_b.status, 500, "{}", guest_b.text());
+    assert!(!guest_b.text().contains(secret));
+
+    let as_a = client.get(&owner_path, &[("x-auth-token", TOKEN_A)]).await;
+    assert_eq!(as_a.status, 404, "{}", as_a.text());
+    assert!(!as_a.text().contains(secret));
+}

@@ -383,6 +383,7 @@ fn keyring() -> &'static Keyring {
 }
 
 const BINDING: RecordBinding<'static> = RecordBinding {
+    project_id: "project-a",
     instance_id: "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90",
     field: PASSWORD_FIELD,
     version: 3,

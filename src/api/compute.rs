@@ -372,6 +372,7 @@ async fn get_password(
     }
     let sealed = chunks::join(PASSWORD_FIELD, &record.chunks).map_err(|_| ApiError::integrity())?;
     let binding = RecordBinding {
+        project_id: &record.instance.project_id,
         instance_id: id.as_str(),
         field: PASSWORD_FIELD,
         version,

@@ -389,9 +389,11 @@ async fn rewrap_one(app: &App, keyring: Arc<Keyring>, candidate: RewrapCandidate
     task.facts.key_id = Some(keyring.active_key_id());
     task.facts.previous_key_id = Some(candidate.key_id);
     let instance = candidate.id.to_string();
+    let owner = candidate.project.to_string();
     let sealing = keyring.clone();
     let reseal = Box::new(move |old: &[u8], old_version: u64, new_version: u64| {
         let open_binding = RecordBinding {
+            project_id: &owner,
             instance_id: &instance,
             field: PASSWORD_FIELD,
             version: old_version,

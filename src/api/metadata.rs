@@ -398,6 +398,7 @@ async fn get_password(
     }
     let sealed = chunks::join(PASSWORD_FIELD, &record.chunks).map_err(|_| ApiError::integrity())?;
     let binding = RecordBinding {
+        project_id: &record.instance.project_id,
         instance_id: id.as_str(),
         field: PASSWORD_FIELD,
         version,
@@ -541,8 +542,10 @@ pub(crate) async fn seal_once<A: super::Audited>(
     facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(blob.as_ref()));
     facts.key_id = Some(key_id);
     let instance = id.to_string();
+    let owner = project.to_string();
     let seal = Box::new(move |version: u64| {
         let binding = RecordBinding {
+            project_id: &owner,
             instance_id: &instance,
             field: PASSWORD_FIELD,
             version,

@@ -55,6 +55,11 @@ pub(crate) fn key_id_from(v: i64) -> Result<KeyId, StoreError> {
     KeyId::try_from(v).map_err(|_| StoreError::Corrupt(format!("key id {v} out of range")))
 }
 
+/// A project id read from the registry (rewrap binds it into the new seal).
+pub(crate) fn stored_project(v: &str) -> Result<ProjectId, StoreError> {
+    ProjectId::parse(v).map_err(|_| StoreError::Corrupt(format!("bad project id {v:?}")))
+}
+
 /// A version or count for a database integer column (saturating; versions never get near it).
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -198,6 +203,8 @@ pub struct KeySync {
 pub struct RewrapCandidate {
     /// The instance.
     pub id: InstanceId,
+    /// The project that owns it (bound into the seal).
+    pub project: ProjectId,
     /// Its record version now.
     pub version: u64,
     /// The key it is sealed under.

@@ -31,7 +31,7 @@ use tokio_postgres::{GenericClient, NoTls};
 use super::{
     ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX,
     PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan, Registration, ResealFn,
-    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from,
+    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from, stored_project,
     now_unix, plan_register, to_i64, version_from,
 };
 use crate::config::PostgresSettings;
@@ -654,7 +654,7 @@ impl Store for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = conn
             .query(
-                "SELECT instance_id, password_version, password_key_id FROM instances
+                "SELECT instance_id, password_version, password_key_id, project_id FROM instances
                  WHERE password_set AND password_key_id IS NOT NULL
                    AND password_key_id <> $1 AND instance_id > $2
                  ORDER BY instance_id LIMIT $3",
@@ -668,6 +668,7 @@ impl Store for PostgresStore {
                 Ok(RewrapCandidate {
                     id: InstanceId::parse(&id)
                         .map_err(|_| StoreError::Corrupt(format!("bad instance id {id:?}")))?,
+                    project: stored_project(row.get(3))?,
                     version: version_from(row.get(1))?,
                     key_id: key_id_from(row.get(2))?,
                 })

@@ -25,7 +25,7 @@ use super::{
     ClearOutcome, DeleteOutcome, Gate, GateTicket, InstanceRecord, KeySync, KeyUsage,
     PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
     Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError,
-    chunks, key_id_from, now_unix, plan_register, to_i64, version_from,
+    chunks, key_id_from, stored_project, now_unix, plan_register, to_i64, version_from,
 };
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
 use crate::ids::{InstanceId, ProjectId};
@@ -806,7 +806,7 @@ impl Store for SqliteStore {
         self.read(|conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT instance_id, password_version, password_key_id FROM instances
+                    "SELECT instance_id, password_version, password_key_id, project_id FROM instances
                      WHERE password_set = 1 AND password_key_id IS NOT NULL
                        AND password_key_id != ?1 AND instance_id > ?2
                      ORDER BY instance_id LIMIT ?3",
@@ -818,15 +818,17 @@ impl Store for SqliteStore {
                         r.get::<_, String>(0)?,
                         r.get::<_, i64>(1)?,
                         r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
                     ))
                 })
                 .map_err(db_err)?;
             let mut out = Vec::new();
             for row in rows {
-                let (id, version, key) = row.map_err(db_err)?;
+                let (id, version, key, project) = row.map_err(db_err)?;
                 out.push(RewrapCandidate {
                     id: InstanceId::parse(&id)
                         .map_err(|_| StoreError::Corrupt(format!("bad instance id {id:?}")))?,
+                    project: stored_project(&project)?,
                     version: version_from(version)?,
                     key_id: key_id_from(key)?,
                 });
