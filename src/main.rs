@@ -195,6 +195,10 @@ enum AuditCommand {
         /// The data directory, if not the configured one.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The sequence number the retained log begins at, when older files were retired on
+        /// purpose (without it, the log must begin at sequence 1).
+        #[arg(long, value_name = "SEQ")]
+        from_sequence: Option<u64>,
         /// Audit files to verify, in chain order.
         files: Vec<PathBuf>,
     },
@@ -598,16 +602,18 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
             key,
             dir,
             data_dir,
+            from_sequence,
             files,
         } => {
             let (keys, configured_dir) = keys_from(&key, data_dir)?;
+            let start = from_sequence.map_or(verify::Start::Genesis, verify::Start::Retained);
             let report = if files.is_empty() {
                 let dir = dir
                     .or(configured_dir)
                     .ok_or("give --dir, --config or the files to verify")?;
-                verify::verify_dir(&keys, &dir)
+                verify::verify_dir(&keys, &dir, start)
             } else {
-                verify::verify_files(&keys, &files)
+                verify::verify_files(&keys, &files, start)
             }
             .map_err(|e| format!("reading the audit log: {e}"))?;
             for warning in &report.warnings {

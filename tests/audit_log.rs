@@ -772,3 +772,113 @@ async fn verifying_an_empty_or_deleted_log_fails() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+/// The live audit file deleted while requests flow: nothing is acknowledged into the unlinked
+/// inode. Every change acknowledged by a request that started after the deletion has its event
+/// in the log directory; the first batch after it is refused (503); the new file opens with an
+/// `audit:file_lost` incident naming the lost file; readiness comes back; and `audit verify`
+/// fails, naming the missing start, unless told where the retained log begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_the_live_audit_file_acknowledges_nothing_into_it_and_is_recorded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    client.register(&new_instance(), "project-a").await;
+    let live = metapass::audit::review::files_of(&daemon.audit_dir()).unwrap();
+    assert_eq!(live.len(), 1);
+    let live = live[0].clone();
+
+    let deleted = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..6 {
+        let (client, deleted) = (daemon.client(), deleted.clone());
+        load.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..60 {
+                let after = deleted.load(Ordering::SeqCst);
+                let id = new_instance();
+                let reply = client
+                    .send(
+                        Method::PUT,
+                        &format!("/admin/v1/instances/{id}"),
+                        &[
+                            ("x-auth-token", ADMIN_TOKEN),
+                            ("content-type", "application/json"),
+                        ],
+                        r#"{"project_id":"project-a"}"#,
+                    )
+                    .await;
+                seen.push((after, reply.status, reply.request_id()));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    std::fs::remove_file(&live).unwrap();
+    deleted.store(true, Ordering::SeqCst);
+    let mut results = Vec::new();
+    for task in load {
+        results.extend(task.await.unwrap());
+    }
+    // One more request surely after the deletion: the writer has noticed by now.
+    let ready = client.get("/readyz", &[]).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+
+    let events = daemon.audit_events();
+    let after: Vec<_> = results.iter().filter(|(after, ..)| *after).collect();
+    assert!(!after.is_empty());
+    for (_, status, request_id) in &after {
+        if *status == 201 {
+            assert!(
+                events
+                    .iter()
+                    .any(|e| e["metadata"]["uid"] == request_id.as_str()),
+                "register {request_id} acknowledged after the deletion has no visible event"
+            );
+        } else {
+            assert_eq!(*status, 503, "only refusals besides acknowledged changes");
+        }
+    }
+    assert!(
+        results.iter().any(|(_, status, _)| *status == 503),
+        "the batch that found the file gone was refused"
+    );
+    let incident = &events[0];
+    assert_eq!(
+        incident["api"]["operation"], "audit:file_lost",
+        "{incident}"
+    );
+    assert_eq!(incident["unmapped"]["reason"], "audit_file_lost");
+    assert_eq!(incident["severity"], "Critical");
+    let name = live.file_name().unwrap().to_str().unwrap();
+    assert!(
+        incident["message"].as_str().unwrap().contains(name),
+        "{incident}"
+    );
+    assert!(daemon.log_shows(&["deleted or replaced while open"]));
+    let errors: Vec<String> = schema_validator()
+        .iter_errors(incident)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}\n{incident:#}");
+
+    let (ok, report) = daemon.verify_audit();
+    assert!(
+        !ok,
+        "a log whose first file is gone must not verify: {report}"
+    );
+    assert!(report.contains("oldest files are missing"), "{report}");
+    let first = incident["metadata"]["sequence"].as_u64().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "verify", "--audit-key"])
+        .arg(repo().join("policy/dev-audit-key.toml"))
+        .arg("--dir")
+        .arg(daemon.audit_dir())
+        .args(["--from-sequence", &first.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}

@@ -483,6 +483,10 @@ pub fn audit_line(data: &[u8]) {
     static KEYS: OnceLock<AuditKeys> = OnceLock::new();
     let keys = KEYS.get_or_init(|| AuditKeys::derive(&[0x42; 32]).unwrap());
     assert!(keys.check_line(data).is_err(), "a forged line verified");
-    let report = verify::verify_contents(keys, &[(PathBuf::from("fuzz.jsonl"), data.to_vec())]);
+    let report = verify::verify_contents(
+        keys,
+        &[(PathBuf::from("fuzz.jsonl"), data.to_vec())],
+        verify::Start::Genesis,
+    );
     assert_eq!(report.events, 0, "a forged file verified");
 }

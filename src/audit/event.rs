@@ -139,6 +139,9 @@ pub enum Reason {
     /// A keyring was refused (a secret differs from the one that sealed records, or a key that
     /// records still need is missing); the keys in use stay.
     KeyringRefused,
+    /// The audit file being written was deleted or replaced behind the writer's back; the events
+    /// it held are no longer in the log directory (the writer's own incident event).
+    AuditFileLost,
     /// An unexpected internal error.
     Internal,
 }
@@ -170,13 +173,14 @@ impl Reason {
             | CertificateReloadFailed
             | KeyExhausted
             | KeyringRefused
+            | AuditFileLost
             | Internal => Outcome::Error,
         }
     }
 
     fn severity(self) -> (u8, &'static str) {
         match (self, self.outcome()) {
-            (Reason::Integrity, _) => (5, "Critical"),
+            (Reason::Integrity | Reason::AuditFileLost, _) => (5, "Critical"),
             (_, Outcome::Success) => (1, "Informational"),
             (_, Outcome::Failure) => (2, "Low"),
             (_, Outcome::Denied) => (3, "Medium"),
@@ -927,6 +931,7 @@ pub fn reason_str(reason: Reason) -> &'static str {
         CertificateReloadFailed => "certificate_reload_failed",
         KeyExhausted => "key_exhausted",
         KeyringRefused => "keyring_refused",
+        AuditFileLost => "audit_file_lost",
         Internal => "internal",
     }
 }

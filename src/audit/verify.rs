@@ -35,6 +35,14 @@ pub enum ProblemKind {
     BrokenLink,
     /// Nothing to verify: no file, or no event in any (a deleted log must not pass).
     NoEvents,
+    /// The chain does not begin where the retained log should: at sequence 1 (the genesis line),
+    /// or where the operator said it begins (`--from-sequence`). The oldest files are missing.
+    MissingStart {
+        /// Where the log should begin.
+        expected: u64,
+        /// The first sequence number found.
+        found: u64,
+    },
 }
 
 /// The first problem in a chain.
@@ -64,6 +72,9 @@ impl fmt::Display for Problem {
             ProblemKind::NoEvents => {
                 "no audit event to verify (the log is empty or its files are missing)".to_owned()
             }
+            ProblemKind::MissingStart { expected, found } => format!(
+                "the log begins at sequence {found}, not {expected}: the oldest files are missing (if they were retired on purpose, say where the retained log begins with --from-sequence {found})"
+            ),
         };
         write!(
             f,
@@ -90,17 +101,27 @@ pub struct Report {
     pub problem: Option<Problem>,
 }
 
+/// Where the verified log must begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Start {
+    /// At the genesis line (sequence 1): nothing was ever retired.
+    #[default]
+    Genesis,
+    /// At this sequence number: the operator retired the files before it and says so.
+    Retained(u64),
+}
+
 /// Verifies `files` as one chain, in the order given.
-pub fn verify_files(keys: &AuditKeys, files: &[PathBuf]) -> std::io::Result<Report> {
+pub fn verify_files(keys: &AuditKeys, files: &[PathBuf], start: Start) -> std::io::Result<Report> {
     let contents = files
         .iter()
         .map(|f| Ok((f.clone(), std::fs::read(f)?)))
         .collect::<std::io::Result<Vec<_>>>()?;
-    Ok(verify_contents(keys, &contents))
+    Ok(verify_contents(keys, &contents, start))
 }
 
 /// Verifies the contents of audit files (named for the report) as one chain, in the order given.
-pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)]) -> Report {
+pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)], start: Start) -> Report {
     let mut report = Report::default();
     let mut last: Option<(u64, String)> = None;
     let mut previous_file: HashMap<u64, String> = HashMap::new();
@@ -130,12 +151,27 @@ pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)]) -> Report
                 }
             };
             match &last {
-                None if fields.seq != 1 || fields.prev != GENESIS => report.warnings.push(format!(
-                    "the chain starts at sequence {} in {} (earlier files were not given)",
-                    fields.seq,
-                    path.display()
-                )),
-                None => {}
+                None => {
+                    let expected = match start {
+                        Start::Genesis => 1,
+                        Start::Retained(n) => n,
+                    };
+                    let genesis_ok = start != Start::Genesis || fields.prev == GENESIS;
+                    if fields.seq != expected || !genesis_ok {
+                        let kind = ProblemKind::MissingStart {
+                            expected,
+                            found: fields.seq,
+                        };
+                        report.problem = Some(problem(expected, kind));
+                        return report;
+                    }
+                    if let Start::Retained(n) = start {
+                        report.warnings.push(format!(
+                            "the retained log begins at sequence {n} in {}, as stated (earlier files not checked)",
+                            path.display()
+                        ));
+                    }
+                }
                 Some((last_seq, last_mac)) => {
                     let follows = fields.seq == last_seq + 1 && &fields.prev == last_mac;
                     let continues_earlier = line_index == 0
@@ -189,6 +225,6 @@ pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)]) -> Report
 }
 
 /// Verifies every audit file in `dir`, in chain order.
-pub fn verify_dir(keys: &AuditKeys, dir: &Path) -> std::io::Result<Report> {
-    verify_files(keys, &super::writer::log_files(dir)?)
+pub fn verify_dir(keys: &AuditKeys, dir: &Path, start: Start) -> std::io::Result<Report> {
+    verify_files(keys, &super::writer::log_files(dir)?, start)
 }

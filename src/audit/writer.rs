@@ -14,10 +14,17 @@
 //! 503), the chain position rolls back to the last acknowledged line, and the file is truncated
 //! back to it; if truncation fails too, the next batch starts a new file. The writer stays up and
 //! resumes by itself when writing works again.
+//!
+//! Before and after every batch the writer checks that the file it writes is still linked under
+//! its name and is the file it opened (same device and inode). A file deleted or replaced while
+//! open would otherwise take acknowledged events into an inode nobody can read: the batch is
+//! refused instead, and the next batch (or readiness probe) opens a new file whose first line is
+//! an `audit:file_lost` incident event (reason `audit_file_lost`, Critical) naming the lost file and
+//! the sequence numbers it held; the chain continues from the last acknowledged line.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{AuditKeys, GENESIS};
+use super::event::{self, Activity, Facts, Reason};
 use crate::metrics::AuditMetrics;
 
 /// The most events written in one batch.
@@ -182,8 +190,14 @@ impl Auditor {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let health = Arc::new(WriterHealth::default());
         health.healthy.store(true, Ordering::Relaxed);
+        let file_id = match &position.file {
+            Some((file, _)) => Some(file_identity(file)?),
+            None => None,
+        };
         let writer = Writer {
             dir: config.dir.clone(),
+            file_id,
+            lost: None,
             sync: config.sync,
             max_file_bytes: config.max_file_bytes,
             keys: keys.clone(),
@@ -417,6 +431,19 @@ fn lock_dir(dir: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// An audit file that disappeared from under the writer.
+#[derive(Debug, Clone)]
+struct LostFile {
+    path: PathBuf,
+    /// The last sequence number acknowledged before the loss was seen.
+    last_acknowledged: u64,
+}
+
+fn file_identity(file: &File) -> io::Result<(u64, u64)> {
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
+}
+
 struct Writer {
     /// The directory's lock, held for as long as the writer runs.
     _lock: File,
@@ -425,6 +452,10 @@ struct Writer {
     max_file_bytes: u64,
     keys: Arc<AuditKeys>,
     file: Option<(File, PathBuf)>,
+    /// The (device, inode) of `file` when it was opened.
+    file_id: Option<(u64, u64)>,
+    /// A file found deleted or replaced, whose incident event the next file opens with.
+    lost: Option<LostFile>,
     size: u64,
     seq: u64,
     prev: String,
@@ -511,11 +542,22 @@ impl Writer {
                 Item::Flush { .. } => true,
                 Item::Probe { .. } => false,
             });
+        self.check_in_place()?;
         let (seq0, prev0) = (self.seq, self.prev.clone());
         // A batch that opens a new file starts it at zero; otherwise it starts at the current size.
         let size0 = if self.file.is_some() { self.size } else { 0 };
         self.buf.clear();
         let mut events = 0u64;
+        if self.file.is_none()
+            && let Some(lost) = &self.lost
+        {
+            let line = incident_line(lost);
+            self.seq += 1;
+            self.prev = self
+                .keys
+                .seal_line(&line, self.seq, &self.prev, &mut self.buf);
+            events += 1;
+        }
         for item in batch {
             if let Item::Event { line, .. } = item {
                 self.seq += 1;
@@ -525,8 +567,13 @@ impl Writer {
                 events += 1;
             }
         }
-        match self.append(must_sync, seq0 + 1) {
+        // Written into a file that was unlinked meanwhile is not written: checked again after.
+        match self
+            .append(must_sync, seq0 + 1)
+            .and_then(|()| self.check_in_place())
+        {
             Ok(()) => {
+                self.lost = None;
                 self.metrics.events_written.inc_by(events);
                 if self.size >= self.max_file_bytes {
                     self.close_current();
@@ -566,6 +613,38 @@ impl Writer {
             self.unsynced_bytes = 0;
         }
         Ok(())
+    }
+
+    /// Fails (and gives the file up) when the open file is no longer the one linked under its
+    /// name: deleted (no link left, or the name gone) or replaced (another inode there).
+    fn check_in_place(&mut self) -> io::Result<()> {
+        let (Some((file, path)), Some(id)) = (&self.file, self.file_id) else {
+            return Ok(());
+        };
+        let unlinked = file.metadata()?.nlink() == 0;
+        let replaced = match fs::symlink_metadata(path) {
+            Ok(meta) => (meta.dev(), meta.ino()) != id,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e),
+        };
+        if !(unlinked || replaced) {
+            return Ok(());
+        }
+        let path = path.clone();
+        tracing::error!(file = %path.display(), "the audit file was deleted or replaced while open; refusing this batch and continuing the chain in a new file");
+        self.lost = Some(LostFile {
+            path: path.clone(),
+            last_acknowledged: self.seq,
+        });
+        self.file = None;
+        self.file_id = None;
+        self.size = 0;
+        self.unsynced = false;
+        self.unsynced_bytes = 0;
+        Err(io::Error::other(format!(
+            "the audit file {} was deleted or replaced while open",
+            path.display()
+        )))
     }
 
     /// After a failed batch: cut the file back to `acked` bytes (the end of the last acknowledged
@@ -614,6 +693,7 @@ impl Writer {
             {
                 Ok(file) => {
                     File::open(&self.dir)?.sync_all()?;
+                    self.file_id = Some(file_identity(&file)?);
                     self.file = Some((file, path));
                     self.size = 0;
                     self.unsynced = false;
@@ -625,6 +705,21 @@ impl Writer {
         }
         Err(io::Error::other("no free audit file name"))
     }
+}
+
+/// The open line of the incident event that starts the file after a lost one.
+fn incident_line(lost: &LostFile) -> Vec<u8> {
+    let name = lost
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut facts = Facts::system("audit:file_lost", Activity::Update);
+    facts.reason = Reason::AuditFileLost;
+    facts.detail = Some(event::bounded(&format!(
+        "the audit file {name} was deleted or replaced while metapass was writing it; the events up to sequence {} that it held are no longer in the log directory, and requests in flight were refused",
+        lost.last_acknowledged
+    )));
+    event::encode(&facts, 500, Duration::ZERO)
 }
 
 #[cfg(test)]

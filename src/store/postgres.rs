@@ -31,8 +31,8 @@ use tokio_postgres::{GenericClient, NoTls};
 use super::{
     ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX,
     PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan, Registration, ResealFn,
-    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from, stored_project,
-    now_unix, plan_register, to_i64, version_from,
+    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from,
+    now_unix, plan_register, stored_project, to_i64, version_from,
 };
 use crate::config::PostgresSettings;
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
