@@ -43,6 +43,10 @@ enum Command {
         /// Keep the store and audit log under this directory instead of the configured one.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Start although the audit log lacks the line the store recorded with the last change
+        /// (files deleted, tail cut): the loss is recorded as an `audit:gap_accepted` event.
+        #[arg(long)]
+        accept_audit_gap: bool,
     },
     /// Write a fresh set of development certificates (never for production).
     DevCerts {
@@ -246,7 +250,8 @@ fn main() -> ExitCode {
             config,
             listen,
             data_dir,
-        } => serve(config, Overrides { listen, data_dir }),
+            accept_audit_gap,
+        } => serve(config, Overrides { listen, data_dir }, accept_audit_gap),
         Command::DevCerts { out, leaf_days } => dev_certs(out, leaf_days),
         // They read the audit secret or the keyring: the same hygiene as the daemon.
         Command::Audit { command } => harden().and_then(|()| audit(command)),
@@ -384,7 +389,11 @@ fn audit_keys(config: &Config) -> Result<AuditKeys, String> {
     AuditKeys::derive(config.audit.secret.expose_secret()).map_err(|e| e.to_string())
 }
 
-fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String> {
+fn serve(
+    config_path: PathBuf,
+    overrides: Overrides,
+    accept_audit_gap: bool,
+) -> Result<ExitCode, String> {
     // Before any secret is read: no core dumps, no same-user ptrace or /proc/<pid>/mem.
     let hardening = metapass::hygiene::disable_core_dumps()
         .map_err(|e| format!("disabling core dumps: {e}"))?;
@@ -393,7 +402,8 @@ fn serve(config_path: PathBuf, overrides: Overrides) -> Result<ExitCode, String>
         core_limit = ?hardening.core_limit,
         "core dumps disabled (PR_SET_DUMPABLE, RLIMIT_CORE)"
     );
-    let config = load(&config_path, &overrides)?;
+    let mut config = load(&config_path, &overrides)?;
+    config.audit.accept_gap = accept_audit_gap;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("metapass-worker")
@@ -554,6 +564,43 @@ fn keys_from(
     }
 }
 
+/// The chain head the configured store recorded with its last change, for `audit verify
+/// --config`. A SQLite file that does not exist is not created: there is no anchor then.
+fn stored_anchor(
+    config: &std::path::Path,
+    data_dir: Option<PathBuf>,
+) -> Result<Option<metapass::store::AuditAnchor>, String> {
+    use metapass::store::Store;
+    let config = load(
+        config,
+        &Overrides {
+            listen: None,
+            data_dir,
+        },
+    )?;
+    if let metapass::config::StoreConfig::Sqlite { path } = &config.store
+        && !path.exists()
+    {
+        return Ok(None);
+    }
+    let writer =
+        metapass::audit::writer::writer_id(config.audit.writer_id.as_deref(), &config.audit.dir);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        let metrics = metapass::metrics::Metrics::new();
+        let store = metapass::store::Backend::open(&config.store, metrics.store_seconds.clone())
+            .await
+            .map_err(|e| format!("opening the store for its audit anchor: {e}"))?;
+        store
+            .audit_anchor(&writer)
+            .await
+            .map_err(|e| format!("reading the audit anchor: {e}"))
+    })
+}
+
 /// The audit directory named by `--dir`, or by the configuration.
 fn log_dir(log: &LogLocation) -> Result<PathBuf, String> {
     match (&log.dir, &log.config) {
@@ -605,13 +652,20 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
             from_sequence,
             files,
         } => {
+            let anchor = match &key.config {
+                Some(config) if files.is_empty() && dir.is_none() => {
+                    stored_anchor(config, data_dir.clone())?
+                }
+                _ => None,
+            };
             let (keys, configured_dir) = keys_from(&key, data_dir)?;
             let start = from_sequence.map_or(verify::Start::Genesis, verify::Start::Retained);
+            let log_dir = dir.or(configured_dir);
             let report = if files.is_empty() {
-                let dir = dir
-                    .or(configured_dir)
+                let dir = log_dir
+                    .as_ref()
                     .ok_or("give --dir, --config or the files to verify")?;
-                verify::verify_dir(&keys, &dir, start)
+                verify::verify_dir(&keys, dir, start)
             } else {
                 verify::verify_files(&keys, &files, start)
             }
@@ -619,12 +673,34 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
             for warning in &report.warnings {
                 println!("warning: {warning}");
             }
-            match &report.problem {
-                Some(problem) => {
+            let gap = match (&anchor, &log_dir, &report.problem) {
+                (Some(anchor), Some(dir), None) => {
+                    let ends_at = report.range.map_or(0, |(_, last)| last);
+                    metapass::audit::anchor::check(&keys, dir, ends_at, (anchor.seq, &anchor.mac))
+                        .map_err(|e| format!("reading the audit log: {e}"))?
+                        .err()
+                }
+                _ => None,
+            };
+            match (&report.problem, gap) {
+                (Some(problem), _) => {
                     println!("FAILED after {} good events: {problem}", report.events);
                     Ok(ExitCode::from(1))
                 }
-                None => {
+                (None, Some(gap)) => {
+                    println!(
+                        "FAILED: the chain of {} events verifies, but against the store's anchor: {gap}",
+                        report.events
+                    );
+                    Ok(ExitCode::from(1))
+                }
+                (None, None) => {
+                    if let Some(anchor) = &anchor {
+                        println!(
+                            "anchor: the store's last change was audited at sequence {}, and the log holds that line",
+                            anchor.seq
+                        );
+                    }
                     let range = report
                         .range
                         .map_or(String::new(), |(a, b)| format!(", sequence {a}..={b}"));

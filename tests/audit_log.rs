@@ -882,3 +882,94 @@ async fn deleting_the_live_audit_file_acknowledges_nothing_into_it_and_is_record
         .unwrap();
     assert!(out.status.success(), "{out:?}");
 }
+
+/// The seq of the store's anchor (the chain head recorded with the last change).
+fn anchored_seq(daemon: &Daemon) -> u64 {
+    let conn = rusqlite::Connection::open(daemon.db_path()).unwrap();
+    let seq: i64 = conn
+        .query_row("SELECT seq FROM audit_anchor", [], |r| r.get(0))
+        .unwrap();
+    u64::try_from(seq).unwrap()
+}
+
+/// The store records with every change where its audit event stands in the chain. Offline, an
+/// attacker who cuts the log's tail or deletes its files leaves a valid chain behind, but not the
+/// anchored line: `audit verify --config` fails naming the gap, `serve` refuses to start, and
+/// `serve --accept-audit-gap` starts only after recording the loss as an event.
+#[tokio::test]
+async fn the_store_anchors_the_chain_so_a_cut_tail_or_deleted_files_are_found() {
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    for i in 0..3 {
+        let id = new_instance();
+        client.register(&id, "project-a").await;
+        assert_eq!(
+            client
+                .post_password(&id, "project-a", format!("s{i}"))
+                .await
+                .status,
+            200
+        );
+    }
+    client.get("/healthz", &[]).await; // after the last change: not anchored
+    assert!(daemon.terminate());
+    let (ok, out) = daemon.verify_audit();
+    assert!(ok, "{out}");
+    let anchored = anchored_seq(&daemon);
+    assert!(
+        out.contains(&format!(
+            "anchor: the store's last change was audited at sequence {anchored}"
+        )),
+        "{out}"
+    );
+
+    // The tail cut just before the anchored line: the rest is a valid chain.
+    let files = metapass::audit::review::files_of(&daemon.audit_dir()).unwrap();
+    assert_eq!(files.len(), 1);
+    let keep = usize::try_from(anchored - 1).unwrap();
+    edit_lines(&files[0], |lines| lines.truncate(keep));
+    let (ok, out) = daemon.verify_audit();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("events {anchored}..={anchored} are missing")),
+        "{out}"
+    );
+    let refused = daemon.start_refused();
+    assert!(
+        refused.contains(&format!("ends at sequence {}", anchored - 1))
+            && refused.contains("--accept-audit-gap"),
+        "{refused}"
+    );
+
+    // The operator accepts the loss: recorded first, then service resumes and anchors again.
+    daemon.restart_with(&["--accept-audit-gap"]);
+    let client = daemon.client();
+    let events = daemon.audit_events();
+    let accepted = events
+        .iter()
+        .find(|e| e["api"]["operation"] == "audit:gap_accepted")
+        .expect("the accepted gap is in the log");
+    assert_eq!(accepted["unmapped"]["reason"], "audit_file_lost");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .contains("are missing"),
+        "{accepted}"
+    );
+    client.register(&new_instance(), "project-a").await;
+    assert!(daemon.terminate());
+    let (ok, out) = daemon.verify_audit();
+    assert!(ok, "{out}");
+    daemon.restart();
+    assert!(daemon.terminate());
+
+    // Every file deleted: the anchor outlives them.
+    for file in metapass::audit::review::files_of(&daemon.audit_dir()).unwrap() {
+        std::fs::remove_file(file).unwrap();
+    }
+    let refused = daemon.start_refused();
+    assert!(refused.contains("ends at sequence 0"), "{refused}");
+    let (ok, out) = daemon.verify_audit();
+    assert!(!ok, "{out}");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use metapass::crypto::{KeyId, Keyring, MAX_SEALS_PER_KEY, RecordBinding};
 use metapass::ids::{InstanceId, ProjectId};
 use metapass::store::{
-    Backend, ClearOutcome, DeleteOutcome, Gate, GateDenied, KeySync, PASSWORD_FIELD,
+    AuditAnchor, Backend, ClearOutcome, DeleteOutcome, Gate, GateDenied, KeySync, PASSWORD_FIELD,
     RegisterOutcome, Registration, RewrapOutcome, SetOutcome, Store, StoreError, chunks, open_gate,
 };
 use zeroize::Zeroizing;
@@ -409,6 +409,68 @@ async fn a_refused_gate_commits_nothing(f: &Fixture) {
     );
 }
 
+/// A gate that passes and names where its audit event stands.
+fn anchoring_gate<O>(writer: &str, seq: u64) -> Gate<O> {
+    let anchor = AuditAnchor {
+        writer: writer.to_owned(),
+        seq,
+        mac: format!("{seq:064x}"),
+    };
+    Box::new(move |_| Box::pin(async move { Ok(Some(anchor)) }))
+}
+
+async fn register_anchored(f: &Fixture, writer: &str, seq: u64) {
+    f.store
+        .register(
+            &new_id(),
+            &project("project-a"),
+            Registration::Ordinary,
+            anchoring_gate(writer, seq),
+        )
+        .await
+        .unwrap();
+}
+
+async fn a_change_records_its_audit_anchor_in_its_transaction(f: &Fixture) {
+    let writer = format!("host:/audit/{}", uuid::Uuid::new_v4());
+    assert_eq!(f.store.audit_anchor(&writer).await.unwrap(), None);
+    register_anchored(f, &writer, 7).await;
+    register_anchored(f, &writer, 9).await;
+    let newest = f.store.audit_anchor(&writer).await.unwrap().unwrap();
+    assert_eq!(
+        (newest.seq, newest.mac.as_str()),
+        (9, format!("{:064x}", 9).as_str())
+    );
+    // Another writer's anchors are its own.
+    let other = format!("{writer}-other");
+    f.store
+        .register(
+            &new_id(),
+            &project("project-a"),
+            Registration::Ordinary,
+            anchoring_gate(&other, 3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.store.audit_anchor(&writer).await.unwrap().unwrap().seq, 9);
+    // A refused gate records nothing; a forgotten anchor is gone for that writer only.
+    let refused = f
+        .store
+        .register(
+            &new_id(),
+            &project("project-a"),
+            Registration::Ordinary,
+            refusing_gate(),
+        )
+        .await;
+    assert!(refused.is_err());
+    f.store.forget_audit_anchor(&writer).await.unwrap();
+    assert_eq!(f.store.audit_anchor(&writer).await.unwrap(), None);
+    assert_eq!(f.store.audit_anchor(&other).await.unwrap().unwrap().seq, 3);
+    register_anchored(f, &writer, 1).await;
+    assert_eq!(f.store.audit_anchor(&writer).await.unwrap().unwrap().seq, 1);
+}
+
 async fn keys_are_checked_and_counted(f: &Fixture) {
     let ring = keyring(1);
     let first = sync(&f.store, &ring).await;
@@ -579,4 +641,5 @@ contract!(
     a_refused_gate_commits_nothing,
     keys_are_checked_and_counted,
     rewrap_moves_records_to_the_active_key,
+    a_change_records_its_audit_anchor_in_its_transaction,
 );

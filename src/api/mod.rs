@@ -42,7 +42,7 @@ use crate::limits::{Limited, Limiters};
 use crate::metrics::{LimitLabels, Metrics, ReasonLabels, RequestLabels, SurfaceLabels};
 use crate::policy::{Action, Policy, Principal, Refusal, Target};
 use crate::store::Backend;
-use crate::store::{Gate, GateDenied, StoreError};
+use crate::store::{AuditAnchor, Gate, GateDenied, Store, StoreError};
 use respond::{ApiError, Body};
 
 /// A request body the handlers can read: hyper's `Incoming` on the wire, `Full<Bytes>` in fuzz
@@ -118,11 +118,13 @@ impl App {
                 max_file_bytes: config.audit.max_file_bytes,
                 queue_capacity: config.audit.queue_capacity,
                 ack_timeout: config.audit.ack_timeout,
+                writer_id: config.audit.writer_id.clone(),
             },
             Arc::new(keys),
             metrics.audit.clone(),
         )
         .map_err(|e| format!("audit log {}: {e}", config.audit.dir.display()))?;
+        check_audit_anchor(&store, &auditor, &config.audit.dir, config.audit.accept_gap).await?;
         Ok(Self {
             store,
             keys: keys::KeyState::new(config.keyring, config.keys),
@@ -151,6 +153,55 @@ impl App {
             shutting_down: AtomicBool::new(false),
         })
     }
+}
+
+/// Refuses to start on a log that lacks the line the store anchored with the last change (see
+/// [`crate::audit::anchor`]), unless the operator accepts the gap: then the loss is recorded as a
+/// durable `audit:gap_accepted` event first, and the stale anchor is forgotten.
+async fn check_audit_anchor(
+    store: &Backend,
+    auditor: &Auditor,
+    dir: &std::path::Path,
+    accept_gap: bool,
+) -> Result<(), String> {
+    let anchor = store
+        .audit_anchor(auditor.writer_id())
+        .await
+        .map_err(|e| format!("reading the audit anchor: {e}"))?;
+    let Some(anchor) = anchor else {
+        return Ok(());
+    };
+    let ends_at = auditor.recovered().map_or(0, |w| w.seq);
+    let Err(gap) =
+        crate::audit::anchor::check(auditor.keys(), dir, ends_at, (anchor.seq, &anchor.mac))
+            .map_err(|e| format!("audit log {}: {e}", dir.display()))?
+    else {
+        return Ok(());
+    };
+    if !accept_gap {
+        return Err(format!(
+            "audit log {} (writer {:?}): {gap}. Nothing was started. `metapass audit verify --config` shows what remains; to start anyway and record the loss in the log, run serve with --accept-audit-gap",
+            dir.display(),
+            auditor.writer_id()
+        ));
+    }
+    tracing::error!(%gap, "starting with an audit gap the operator accepted (--accept-audit-gap)");
+    let mut facts = Facts::system("audit:gap_accepted", crate::audit::Activity::Update);
+    facts.reason = crate::audit::Reason::AuditFileLost;
+    facts.detail = Some(crate::audit::event::bounded(&format!(
+        "started with --accept-audit-gap: {gap}"
+    )));
+    auditor
+        .record(
+            encode(&facts, 500, std::time::Duration::ZERO),
+            Durability::Durable,
+        )
+        .await
+        .map_err(|e| format!("recording the accepted audit gap: {e}"))?;
+    store
+        .forget_audit_anchor(auditor.writer_id())
+        .await
+        .map_err(|e| format!("forgetting the stale audit anchor: {e}"))
 }
 
 /// Facts about the connection a request arrived on.
@@ -287,7 +338,17 @@ fn gate_recording<O: 'static>(
         };
         let line = encode(&facts, status.as_u16(), facts.started.elapsed());
         let ticket = auditor.submit(line, Durability::Durable);
-        Box::pin(async move { ticket.wait().await.map_err(|e| GateDenied(e.to_string())) })
+        let writer = auditor.writer_id().to_owned();
+        Box::pin(async move {
+            match ticket.written().await {
+                Ok(written) => Ok(written.map(|w| AuditAnchor {
+                    writer,
+                    seq: w.seq,
+                    mac: w.mac,
+                })),
+                Err(e) => Err(GateDenied(e.to_string())),
+            }
+        })
     });
     (gate, invoked)
 }

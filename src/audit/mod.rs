@@ -5,11 +5,13 @@
 //! - [`chain`]: the audit keys, keyed fingerprints, and the per-line MAC chain.
 //! - [`writer`]: the bounded queue and the group-committing writer thread.
 //! - [`verify`]: checking a chain of files.
+//! - [`anchor`]: checking the log against the chain head the store recorded with the last change.
 //! - [`review`]: `audit show` and `audit summary` for reviewers.
 //!
 //! The schema and an example of each event type are in `SECURITY.md`.
 
 pub mod aggregate;
+pub mod anchor;
 pub mod chain;
 pub mod event;
 pub mod review;
@@ -20,4 +22,4 @@ pub use chain::{AuditKeys, FINGERPRINT_PREFIX};
 pub use event::{
     Activity, AuthMethod, Caller, CallerKind, Decision, Facts, Outcome, Reason, Surface,
 };
-pub use writer::{AuditError, AuditTicket, Auditor, Durability, SyncMode, WriterConfig};
+pub use writer::{AuditError, AuditTicket, Auditor, Durability, SyncMode, WriterConfig, Written};

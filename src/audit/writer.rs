@@ -76,7 +76,23 @@ pub struct WriterConfig {
     pub queue_capacity: usize,
     /// How long a requester waits for space in the queue and then for its acknowledgement.
     pub ack_timeout: Duration,
+    /// The name under which the store records this log's chain head (one per log: each replica
+    /// writes its own); `None` is `<host name>:<log directory>`.
+    pub writer_id: Option<String>,
 }
+
+/// Where an acknowledged event stands in the chain: the store records the last mutation's, and
+/// startup and `audit verify --config` check that the log still holds that line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The event's sequence number.
+    pub seq: u64,
+    /// The event's MAC.
+    pub mac: String,
+}
+
+/// What a batch acknowledges: its events' positions (none for a flush or a probe).
+type Ack = oneshot::Sender<Result<Option<Written>, AuditError>>;
 
 /// Why an event could not be recorded. The request it belongs to must not release or change
 /// anything.
@@ -100,14 +116,14 @@ enum Item {
     Event {
         line: Vec<u8>,
         durability: Durability,
-        ack: oneshot::Sender<Result<(), AuditError>>,
+        ack: Ack,
     },
     Flush {
-        ack: oneshot::Sender<Result<(), AuditError>>,
+        ack: Ack,
     },
     /// After a failure: can the log's filesystem take a batch again?
     Probe {
-        ack: oneshot::Sender<Result<(), AuditError>>,
+        ack: Ack,
     },
 }
 
@@ -137,7 +153,7 @@ impl WriterHealth {
 
 /// A pending acknowledgement.
 pub struct AuditTicket {
-    ack: Result<oneshot::Receiver<Result<(), AuditError>>, AuditError>,
+    ack: Result<oneshot::Receiver<Result<Option<Written>, AuditError>>, AuditError>,
     /// Fixed when the event was queued, not when the ticket is awaited: a store batch waiting
     /// for many tickets waits at most one `ack_timeout` for all of them.
     deadline: tokio::time::Instant,
@@ -147,6 +163,11 @@ impl AuditTicket {
     /// Waits for the writer's acknowledgement, at most until `ack_timeout` after the event was
     /// queued.
     pub async fn wait(self) -> Result<(), AuditError> {
+        self.written().await.map(|_| ())
+    }
+
+    /// Like [`Self::wait`], and says where the event stands in the chain.
+    pub async fn written(self) -> Result<Option<Written>, AuditError> {
         let rx = self.ack?;
         match tokio::time::timeout_at(self.deadline, rx).await {
             Ok(Ok(result)) => result,
@@ -165,6 +186,9 @@ pub struct Auditor {
     metrics: AuditMetrics,
     ack_timeout: Duration,
     queue_capacity: usize,
+    writer_id: Arc<str>,
+    /// Where the chain stood when the writer started (the last line recovered).
+    recovered: Option<Written>,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -187,6 +211,11 @@ impl Auditor {
             .create(&config.dir)?;
         let lock = lock_dir(&config.dir)?;
         let position = recover(&config.dir, &keys)?;
+        let writer_id: Arc<str> = writer_id(config.writer_id.as_deref(), &config.dir).into();
+        let recovered = (position.seq > 0).then(|| Written {
+            seq: position.seq,
+            mac: position.prev.clone(),
+        });
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let health = Arc::new(WriterHealth::default());
         health.healthy.store(true, Ordering::Relaxed);
@@ -222,7 +251,19 @@ impl Auditor {
             metrics,
             ack_timeout: config.ack_timeout,
             queue_capacity: config.queue_capacity,
+            writer_id,
+            recovered,
         })
+    }
+
+    /// The name the store records this log's chain head under.
+    pub fn writer_id(&self) -> &str {
+        &self.writer_id
+    }
+
+    /// The last line of the log when the writer started (`None` for an empty log).
+    pub fn recovered(&self) -> Option<&Written> {
+        self.recovered.as_ref()
     }
 
     /// The audit keys (for fingerprints).
@@ -470,6 +511,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Item>) {
+        let mut written = Vec::with_capacity(MAX_BATCH);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -484,8 +526,9 @@ impl Writer {
                 .store(self.health.now_ms(), Ordering::Relaxed);
             let has_events = batch.iter().any(|i| matches!(i, Item::Event { .. }));
             let probing = batch.iter().any(|i| matches!(i, Item::Probe { .. }));
+            written.clear();
             let result = self
-                .write_batch(&batch)
+                .write_batch(&batch, &mut written)
                 .and_then(|()| {
                     // A batch of events answers a probe by itself; otherwise test the space.
                     if probing && !has_events {
@@ -504,11 +547,13 @@ impl Writer {
                     tracing::error!(error = %e, "audit batch could not be written; requests fail closed");
                 }
             }
+            let mut positions = written.drain(..);
             for item in batch.drain(..) {
-                let ack = match item {
-                    Item::Event { ack, .. } | Item::Flush { ack } | Item::Probe { ack } => ack,
+                let (ack, position) = match item {
+                    Item::Event { ack, .. } => (ack, positions.next()),
+                    Item::Flush { ack } | Item::Probe { ack } => (ack, None),
                 };
-                let _ = ack.send(result.clone());
+                let _ = ack.send(result.clone().map(|()| position));
             }
         }
         if self.unsynced
@@ -535,7 +580,8 @@ impl Writer {
         written
     }
 
-    fn write_batch(&mut self, batch: &[Item]) -> io::Result<()> {
+    /// Writes the batch; on success `written` holds each event's position, in batch order.
+    fn write_batch(&mut self, batch: &[Item], written: &mut Vec<Written>) -> io::Result<()> {
         let must_sync = self.sync == SyncMode::Always
             || batch.iter().any(|i| match i {
                 Item::Event { durability, .. } => *durability == Durability::Durable,
@@ -564,6 +610,10 @@ impl Writer {
                 self.prev = self
                     .keys
                     .seal_line(line, self.seq, &self.prev, &mut self.buf);
+                written.push(Written {
+                    seq: self.seq,
+                    mac: self.prev.clone(),
+                });
                 events += 1;
             }
         }
@@ -707,6 +757,27 @@ impl Writer {
     }
 }
 
+/// The writer id the store anchors a log's chain under: the configured one, or
+/// `<host name>:<log directory>` (unique per log on a host, stable across restarts).
+pub fn writer_id(configured: Option<&str>, dir: &Path) -> String {
+    if let Some(id) = configured {
+        return id.to_owned();
+    }
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    // The parent too, so that `audit verify` finds the same id for a log directory deleted whole.
+    let dir = fs::canonicalize(dir)
+        .ok()
+        .or_else(|| {
+            let parent = fs::canonicalize(dir.parent()?).ok()?;
+            Some(parent.join(dir.file_name()?))
+        })
+        .unwrap_or_else(|| dir.to_path_buf());
+    format!("{host}:{}", dir.display())
+}
+
 /// The open line of the incident event that starts the file after a lost one.
 fn incident_line(lost: &LostFile) -> Vec<u8> {
     let name = lost
@@ -728,7 +799,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_tickets_deadline_runs_from_when_its_event_was_queued() {
-        let (_writer_never_answers, rx) = oneshot::channel::<Result<(), AuditError>>();
+        let (_writer_never_answers, rx) = oneshot::channel::<Result<Option<Written>, AuditError>>();
         let ticket = AuditTicket {
             ack: Ok(rx),
             deadline: tokio::time::Instant::now() + Duration::from_secs(5),

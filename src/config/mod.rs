@@ -274,6 +274,12 @@ pub struct AuditSettings {
     /// Below this much free space on the log's filesystem, `/readyz` turns unready (so the load
     /// balancer drains the replica before its disk is full); 0 disables the check.
     pub min_free_bytes: u64,
+    /// The name the store records this log's chain head under (`None`: host name and log
+    /// directory). Replicas sharing one PostgreSQL store each need their own.
+    pub writer_id: Option<String>,
+    /// `serve --accept-audit-gap`: start although the log lacks the line the store anchored,
+    /// recording the loss as an event (never from the file: an operator's decision per start).
+    pub accept_gap: bool,
     /// The audit secret (chain MAC and fingerprint keys are derived from it).
     pub secret: SecretBox<Vec<u8>>,
 }
@@ -491,6 +497,8 @@ struct RawAudit {
     ack_timeout_ms: u64,
     #[serde(default = "default_min_free_bytes")]
     min_free_bytes: u64,
+    #[serde(default)]
+    writer_id: Option<String>,
 }
 
 fn default_min_free_bytes() -> u64 {
@@ -1053,6 +1061,8 @@ impl Config {
             queue_capacity: raw.audit.queue_capacity.max(16),
             ack_timeout: Duration::from_millis(raw.audit.ack_timeout_ms.max(1)),
             min_free_bytes: raw.audit.min_free_bytes,
+            writer_id: raw.audit.writer_id.filter(|w| !w.trim().is_empty()),
+            accept_gap: false,
             secret: load_audit_secret(&audit_key_path)?,
         };
 

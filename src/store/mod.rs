@@ -238,8 +238,31 @@ pub struct Unreadable;
 pub type ResealFn =
     Box<dyn FnOnce(&[u8], u64, u64) -> Result<Result<Vec<u8>, Unreadable>, SealError> + Send>;
 
-/// The gate's verdict arrives through this future: `Ok` lets the transaction commit.
-pub type GateTicket = Pin<Box<dyn Future<Output = Result<(), GateDenied>> + Send>>;
+/// The gate's verdict arrives through this future: `Ok` lets the transaction commit, and an
+/// anchor in it is recorded by that same transaction.
+pub type GateTicket = Pin<Box<dyn Future<Output = Result<Option<AuditAnchor>, GateDenied>> + Send>>;
+
+/// Where a mutation's audit event stands in its log's chain. The store keeps the newest one per
+/// log writer, committed with the mutation, so a log that later lacks that line (files deleted,
+/// the tail cut, the log replaced) is found out: at startup and by `audit verify --config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditAnchor {
+    /// The log writer (one chain per writer).
+    pub writer: String,
+    /// The event's sequence number.
+    pub seq: u64,
+    /// The event's MAC.
+    pub mac: String,
+}
+
+impl AuditAnchor {
+    /// The newest of the anchors given.
+    pub(crate) fn newest<'a>(
+        anchors: impl IntoIterator<Item = &'a AuditAnchor>,
+    ) -> Option<&'a Self> {
+        anchors.into_iter().max_by_key(|a| a.seq)
+    }
+}
 
 /// Called with a mutation's outcome before its transaction commits (see the module docs).
 pub type Gate<O> = Box<dyn FnOnce(&O) -> GateTicket + Send>;
@@ -409,6 +432,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers (for readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The newest audit anchor recorded for `writer`, if any.
+    fn audit_anchor(
+        &self,
+        writer: &str,
+    ) -> impl Future<Output = Result<Option<AuditAnchor>, StoreError>> + Send;
+
+    /// Forgets `writer`'s anchors: only when an operator accepts a lost log at startup
+    /// (`serve --accept-audit-gap`), after the incident event is durable.
+    fn forget_audit_anchor(
+        &self,
+        writer: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// The store a daemon runs on, as configured: one of the backends behind the [`Store`] trait,
@@ -553,11 +589,19 @@ impl Store for Backend {
     async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self.ping())
     }
+
+    async fn audit_anchor(&self, writer: &str) -> Result<Option<AuditAnchor>, StoreError> {
+        delegate!(self.audit_anchor(writer))
+    }
+
+    async fn forget_audit_anchor(&self, writer: &str) -> Result<(), StoreError> {
+        delegate!(self.forget_audit_anchor(writer))
+    }
 }
 
 /// A gate that lets everything through; for tools and tests that audit by other means.
 pub fn open_gate<O>() -> Gate<O> {
-    Box::new(|_| Box::pin(async { Ok(()) }))
+    Box::new(|_| Box::pin(async { Ok(None) }))
 }
 
 #[cfg(test)]

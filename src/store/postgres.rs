@@ -29,10 +29,10 @@ use secrecy::ExposeSecret;
 use tokio_postgres::{GenericClient, NoTls};
 
 use super::{
-    ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX,
-    PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan, Registration, ResealFn,
-    RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError, chunks, key_id_from,
-    now_unix, plan_register, stored_project, to_i64, version_from,
+    AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage,
+    PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
+    Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError,
+    chunks, key_id_from, now_unix, plan_register, stored_project, to_i64, version_from,
 };
 use crate::config::PostgresSettings;
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
@@ -70,7 +70,19 @@ const MIGRATIONS: &[&str] = &[
         project_id text NOT NULL,
         deleted_at bigint NOT NULL
      );",
+    // 3: audit anchors (see `AuditAnchor`): inserted, never updated, so concurrent transactions
+    // never wait on one row; the newest per writer counts, older ones are pruned as it grows.
+    "CREATE TABLE audit_anchors (
+        writer text NOT NULL,
+        seq bigint NOT NULL CHECK (seq >= 1),
+        mac text NOT NULL,
+        PRIMARY KEY (writer, seq)
+     );",
 ];
+
+/// Every this many sequence numbers, a transaction that records an anchor also prunes its
+/// writer's older anchors.
+const ANCHOR_PRUNE_EVERY: u64 = 1024;
 
 /// The advisory lock that serialises migrations between replicas (an arbitrary constant).
 const MIGRATION_LOCK: i64 = 0x6d65_7461_7061_7373; // "metapass"
@@ -331,9 +343,18 @@ impl PostgresStore {
 
 /// Calls the gate with `outcome` and commits only if it lets the transaction through.
 async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, StoreError> {
-    if gate(&outcome).await.is_err() {
+    let Ok(anchor) = gate(&outcome).await else {
         let _ = tx.rollback().await;
         return Err(StoreError::GateRefused { gate_passed: false });
+    };
+    if let Some(anchor) = anchor
+        && let Err(e) = record_anchor(&tx, &anchor).await
+    {
+        let _ = tx.rollback().await;
+        return Err(StoreError::NotCommitted {
+            gate_passed: true,
+            cause: format!("the audit anchor could not be recorded: {e}"),
+        });
     }
     match tx.commit().await {
         Ok(()) => Ok(outcome),
@@ -345,6 +366,27 @@ async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, 
             },
         }),
     }
+}
+
+/// Records `anchor` in the mutation's transaction (see migration 3).
+async fn record_anchor(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(), StoreError> {
+    let seq = to_i64(anchor.seq);
+    tx.execute(
+        "INSERT INTO audit_anchors (writer, seq, mac) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        &[&anchor.writer, &seq, &anchor.mac],
+    )
+    .await
+    .map_err(db_err)?;
+    if anchor.seq.is_multiple_of(ANCHOR_PRUNE_EVERY) {
+        let keep_from = seq - to_i64(ANCHOR_PRUNE_EVERY);
+        tx.execute(
+            "DELETE FROM audit_anchors WHERE writer = $1 AND seq < $2",
+            &[&anchor.writer, &keep_from],
+        )
+        .await
+        .map_err(db_err)?;
+    }
+    Ok(())
 }
 
 async fn instance_row(
@@ -835,6 +877,33 @@ impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
         let conn = self.conn().await?;
         conn.query_one("SELECT 1", &[]).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn audit_anchor(&self, writer: &str) -> Result<Option<AuditAnchor>, StoreError> {
+        let conn = self.conn().await?;
+        let row = conn
+            .query_opt(
+                "SELECT seq, mac FROM audit_anchors WHERE writer = $1 ORDER BY seq DESC LIMIT 1",
+                &[&writer],
+            )
+            .await
+            .map_err(db_err)?;
+        row.map(|row| {
+            Ok(AuditAnchor {
+                writer: writer.to_owned(),
+                seq: version_from(row.get(0))?,
+                mac: row.get(1),
+            })
+        })
+        .transpose()
+    }
+
+    async fn forget_audit_anchor(&self, writer: &str) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        conn.execute("DELETE FROM audit_anchors WHERE writer = $1", &[&writer])
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 }

@@ -22,10 +22,11 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ClearOutcome, DeleteOutcome, Gate, GateTicket, InstanceRecord, KeySync, KeyUsage,
-    PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
-    Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError,
-    chunks, key_id_from, now_unix, plan_register, stored_project, to_i64, version_from,
+    AuditAnchor, ClearOutcome, DeleteOutcome, Gate, GateDenied, GateTicket, InstanceRecord,
+    KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome,
+    RegisterPlan, Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome,
+    Store, StoreError, chunks, key_id_from, now_unix, plan_register, stored_project, to_i64,
+    version_from,
 };
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
 use crate::ids::{InstanceId, ProjectId};
@@ -76,6 +77,12 @@ const MIGRATIONS: &[&str] = &[
         instance_id TEXT NOT NULL PRIMARY KEY,
         project_id TEXT NOT NULL,
         deleted_at INTEGER NOT NULL
+     ) STRICT;",
+    // 4: the newest audit anchor per log writer (see `AuditAnchor`).
+    "CREATE TABLE audit_anchor (
+        writer TEXT NOT NULL PRIMARY KEY,
+        seq INTEGER NOT NULL CHECK (seq >= 1),
+        mac TEXT NOT NULL
      ) STRICT;",
 ];
 
@@ -390,15 +397,29 @@ fn run_batch(
     // Wait for every gate (the audit events of the whole batch) together, then commit once: the
     // batch waits as long as its slowest ticket (each bounded by its own deadline, fixed when its
     // event was queued), never the sum of them.
-    let verdicts: Vec<Option<bool>> = runtime.block_on(futures_util::future::join_all(
-        tickets.into_iter().map(|ticket| async move {
+    let results: Vec<Option<Result<Option<AuditAnchor>, GateDenied>>> = runtime.block_on(
+        futures_util::future::join_all(tickets.into_iter().map(|ticket| async move {
             match ticket {
-                Some(t) => Some(t.await.is_ok()),
+                Some(t) => Some(t.await),
                 None => None,
             }
-        }),
-    ));
+        })),
+    );
+    let verdicts: Vec<Option<bool>> = results
+        .iter()
+        .map(|r| r.as_ref().map(Result::is_ok))
+        .collect();
     let gates_passed = verdicts.iter().all(|v| *v != Some(false));
+    // The batch records the newest anchor its events reached, in the same transaction.
+    let anchor = AuditAnchor::newest(results.iter().filter_map(|r| {
+        r.as_ref()
+            .and_then(|r| r.as_ref().ok())
+            .and_then(Option::as_ref)
+    }));
+    let anchored = match (gates_passed, anchor) {
+        (true, Some(anchor)) => record_anchor(&tx, anchor).map_err(|e| e.to_string()),
+        _ => Ok(()),
+    };
     // A job that ran (it has a verdict) but whose savepoint could not be released is in an
     // unknown state: do not commit it.
     let released = errors
@@ -411,6 +432,11 @@ fn run_batch(
     } else if !released {
         let _ = tx.rollback();
         Err(Some("a savepoint could not be released".to_owned()))
+    } else if let Err(cause) = anchored {
+        let _ = tx.rollback();
+        Err(Some(format!(
+            "the audit anchor could not be recorded: {cause}"
+        )))
     } else {
         tx.commit().map_err(|e| Some(e.to_string()))
     };
@@ -441,6 +467,19 @@ fn run_batch(
             }
         }
     }
+}
+
+/// Records `anchor` as its writer's newest. Batches are serialised by the one writer thread and a
+/// writer's sequence numbers only grow, except after an accepted gap, which forgets the anchor
+/// first; so the newest batch's anchor simply replaces the row.
+fn record_anchor(conn: &Connection, anchor: &AuditAnchor) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO audit_anchor (writer, seq, mac) VALUES (?1, ?2, ?3)
+         ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, mac = excluded.mac",
+    )
+    .and_then(|mut stmt| stmt.execute(params![anchor.writer, to_i64(anchor.seq), anchor.mac]))
+    .map(|_| ())
+    .map_err(db_err)
 }
 
 /// Copies the WAL into the database and truncates it, so purged pages (zeroed by `secure_delete`)
@@ -979,6 +1018,37 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
     }
+
+    async fn audit_anchor(&self, writer: &str) -> Result<Option<AuditAnchor>, StoreError> {
+        let writer = writer.to_owned();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT seq, mac FROM audit_anchor WHERE writer = ?1",
+                [&writer],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()
+            .map_err(db_err)?
+            .map(|(seq, mac)| {
+                Ok(AuditAnchor {
+                    writer: writer.clone(),
+                    seq: version_from(seq)?,
+                    mac,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    async fn forget_audit_anchor(&self, writer: &str) -> Result<(), StoreError> {
+        let writer = writer.to_owned();
+        self.write(super::open_gate(), false, move |conn| {
+            conn.execute("DELETE FROM audit_anchor WHERE writer = ?1", [&writer])
+                .map(|_| ())
+                .map_err(db_err)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -1013,7 +1083,7 @@ mod tests {
                 let slow_but_fine: Gate<_> = Box::new(|_| {
                     Box::pin(async {
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        Ok(())
+                        Ok(None)
                     })
                 });
                 store
@@ -1066,7 +1136,7 @@ mod tests {
         let called = gate_called.clone();
         let gate: Gate<_> = Box::new(move |_| {
             called.store(true, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async { Ok(()) })
+            Box::pin(async { Ok(None) })
         });
         let result = super::super::DEADLINE
             .scope(

@@ -159,7 +159,7 @@ impl Daemon {
     /// Starts the daemon through `wrapper` (a command that ends by exec-ing its arguments, such as
     /// `unshare -rm sh -c '...; exec "$@"' sh`), with `config` and `dir` as its data directory.
     pub fn start_wrapped(config: &Path, dir: tempfile::TempDir, wrapper: &[&str]) -> Self {
-        let (child, listeners) = spawn(config, dir.path(), wrapper);
+        let (child, listeners) = spawn(config, dir.path(), wrapper, &[]);
         Self {
             child: Some(child),
             addr: listeners[0].1,
@@ -171,11 +171,48 @@ impl Daemon {
 
     /// Kills the daemon if it runs and starts a new one on the same data directory (a new port).
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Like [`Self::restart`], with more arguments for `serve`.
+    pub fn restart_with(&mut self, args: &[&str]) {
         self.kill();
-        let (child, listeners) = spawn(&self.config, self.dir.path(), &[]);
+        let (child, listeners) = spawn(&self.config, self.dir.path(), &[], args);
         self.child = Some(child);
         self.addr = listeners[0].1;
         self.listeners = listeners.into_iter().collect();
+    }
+
+    /// Stops the daemon if it runs, then runs `serve` on the same data directory expecting it to
+    /// refuse to start; returns what it printed on stderr.
+    pub fn start_refused(&mut self) -> String {
+        self.kill();
+        let stderr_path = self.dir.path().join("refused-start.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metapass"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(self.data_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .spawn()
+            .expect("run metapass serve");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve did not refuse to start within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        assert!(!status.success(), "serve exited successfully: {stderr}");
+        stderr
     }
 
     /// The data directory the daemon uses.
@@ -279,7 +316,12 @@ impl Daemon {
 
 /// Spawns `metapass serve` (through `wrapper`, if any) and waits for its listening lines; returns
 /// the listeners (name, address) in configuration order.
-fn spawn(config: &Path, dir: &Path, wrapper: &[&str]) -> (Child, Vec<(String, SocketAddr)>) {
+fn spawn(
+    config: &Path,
+    dir: &Path,
+    wrapper: &[&str],
+    args: &[&str],
+) -> (Child, Vec<(String, SocketAddr)>) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -298,6 +340,7 @@ fn spawn(config: &Path, dir: &Path, wrapper: &[&str]) -> (Child, Vec<(String, So
         .arg(config)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
+        .args(args)
         .env("METAPASS_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(log)
