@@ -147,7 +147,7 @@ enum KeysCommand {
 /// Where the audit key comes from: the daemon's config, or the audit key file alone (a reviewer
 /// needs no other secret).
 #[derive(clap::Args)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 struct KeySource {
     /// The daemon configuration (its [audit] key_file is used).
     #[arg(long)]
@@ -193,6 +193,10 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         key: KeySource,
+        /// Verify with the checkpoint public key alone (from `audit public-key`): no secret
+        /// needed; events after the last checkpoint are reported as unsealed.
+        #[arg(long, conflicts_with_all = ["config", "audit_key"])]
+        public_key: Option<PathBuf>,
         /// The audit log directory (default: the configured one).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -205,6 +209,12 @@ enum AuditCommand {
         from_sequence: Option<u64>,
         /// Audit files to verify, in chain order.
         files: Vec<PathBuf>,
+    },
+    /// Print the public key that verifies the log's signed checkpoints (`ed25519:<hex>`), to
+    /// hand to reviewers: `audit verify --public-key FILE` needs nothing else.
+    PublicKey {
+        #[command(flatten)]
+        key: KeySource,
     },
     /// Print the keyed fingerprint of a value read from standard input (one line; a token or a
     /// password blob: never on the command line, where every local user can read it), to look
@@ -485,13 +495,15 @@ fn serve(
                 notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         });
-        // Refusals before authentication are written as one event per source and window.
+        // Refusals before authentication are written as one event per source and window; the
+        // same timer lets the writer sign a checkpoint when one is due.
         let aggregator = app.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(metapass::audit::aggregate::WINDOW / 2);
             loop {
                 tick.tick().await;
                 metapass::api::flush_refusals(&aggregator, false).await;
+                aggregator.auditor.tick();
             }
         });
         let final_refusals = app.clone();
@@ -562,6 +574,50 @@ fn keys_from(
         }
         (None, None) => Err("give --config or --audit-key".into()),
     }
+}
+
+/// `audit verify --public-key`: checkpoints only, no secret.
+fn verify_public(
+    public_key: &std::path::Path,
+    dir: Option<PathBuf>,
+    files: Vec<PathBuf>,
+) -> Result<ExitCode, String> {
+    use metapass::audit::checkpoint;
+    let key = checkpoint::read_public_key(public_key)?;
+    let files = if files.is_empty() {
+        let dir = dir.ok_or("give --dir or the files to verify")?;
+        review::files_of(&dir).map_err(|e| format!("{}: {e}", dir.display()))?
+    } else {
+        files
+    };
+    let report = checkpoint::verify_public(&key, &files)
+        .map_err(|e| format!("reading the audit log: {e}"))?;
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+    if let Some(problem) = &report.problem {
+        println!(
+            "FAILED after {} lines ({} checkpoints verified): {problem}",
+            report.lines, report.checkpoints
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let sealed = report.sealed_through.unwrap_or(0);
+    let last = report.last_seq.unwrap_or(0);
+    let checkpoint = report.last_checkpoint.unwrap_or(0);
+    println!(
+        "OK: {} lines in {} files, {} checkpoints verified with the public key; sealed through sequence {sealed}",
+        report.lines,
+        files.len(),
+        report.checkpoints
+    );
+    if last > checkpoint {
+        println!(
+            "unsealed: sequence {}..={last} comes after the last checkpoint (not verified)",
+            checkpoint + 1
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The chain head the configured store recorded with its last change, for `audit verify
@@ -646,11 +702,26 @@ fn read_log(log: &LogLocation) -> Result<Vec<serde_json::Value>, String> {
 fn audit(command: AuditCommand) -> Result<ExitCode, String> {
     match command {
         AuditCommand::Verify {
+            public_key: Some(public_key),
+            dir,
+            files,
+            ..
+        } => verify_public(&public_key, dir, files),
+        AuditCommand::PublicKey { key } => {
+            let (keys, _) = keys_from(&key, None)?;
+            println!(
+                "{}",
+                metapass::audit::checkpoint::format_public_key(&keys.checkpoint_public_key())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify {
             key,
             dir,
             data_dir,
             from_sequence,
             files,
+            public_key: None,
         } => {
             let anchor = match &key.config {
                 Some(config) if files.is_empty() && dir.is_none() => {

@@ -973,3 +973,140 @@ async fn the_store_anchors_the_chain_so_a_cut_tail_or_deleted_files_are_found() 
     let (ok, out) = daemon.verify_audit();
     assert!(!ok, "{out}");
 }
+
+/// Runs `metapass audit verify --public-key KEY` on `files`; returns (exit code, stdout).
+fn verify_public(key: &Path, files: &[PathBuf]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "verify", "--public-key"])
+        .arg(key)
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A reviewer with only the public key (`audit public-key`) verifies the log up to its last
+/// signed checkpoint, and any edit, reordering, insertion or removal of a line before it fails;
+/// so does a log signed by another key.
+#[tokio::test]
+async fn the_public_key_alone_verifies_the_signed_checkpoints() {
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    for round in 0..2 {
+        for i in 0..4 {
+            let id = new_instance();
+            client.register(&id, "project-a").await;
+            client
+                .post_password(&id, "project-a", format!("r{round}-{i}"))
+                .await;
+        }
+        // Past the checkpoint interval while events flow: the writer signs.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        client.get("/healthz", &[]).await;
+    }
+    assert!(daemon.terminate(), "a clean shutdown signs what is left");
+    let checkpoints = audit_checkpoints(&daemon.audit_dir());
+    assert!(checkpoints.len() >= 2, "{checkpoints:#?}");
+    let validator = schema_validator();
+    for checkpoint in &checkpoints {
+        assert!(validator.is_valid(checkpoint), "{checkpoint:#}");
+        assert_eq!(checkpoint["unmapped"]["caller_kind"], "system");
+    }
+    assert!(
+        daemon.log_shows(&["audit checkpoint signed"]),
+        "checkpoints also go to the operational log"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "public-key", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let public = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        public.starts_with("ed25519:") && public.trim().len() == 8 + 64,
+        "{public}"
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("audit.pub");
+    std::fs::write(&key_file, &public).unwrap();
+
+    let files = metapass::audit::review::files_of(&daemon.audit_dir()).unwrap();
+    let (code, out) = verify_public(&key_file, &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("checkpoints verified with the public key"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("unsealed"),
+        "shutdown sealed everything: {out}"
+    );
+
+    // After a restart the writer continues the segment from the last checkpoint; and lines
+    // written after the last checkpoint of a killed daemon are reported unsealed.
+    daemon.restart();
+    daemon.client().register(&new_instance(), "project-a").await;
+    assert!(daemon.terminate());
+    let (code, out) = verify_public(&key_file, &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("unsealed"), "{out}");
+    daemon.restart();
+    daemon.client().register(&new_instance(), "project-a").await;
+    daemon.kill();
+    let (code, out) = verify_public(&key_file, &files);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("unsealed: sequence"), "{out}");
+
+    // Tampering before the last checkpoint, in a copy.
+    let copy = |edit: &dyn Fn(&mut Vec<String>)| -> (i32, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut copies = Vec::new();
+        for f in &files {
+            let to = dir.path().join(f.file_name().unwrap());
+            std::fs::copy(f, &to).unwrap();
+            copies.push(to);
+        }
+        edit_lines(&copies[0], |lines| edit(lines));
+        let result = verify_public(&key_file, &copies);
+        drop(dir);
+        result
+    };
+    let edited = copy(&|lines| lines[2] = lines[2].replace("project-a", "project-b"));
+    assert_eq!(edited.0, 1, "{}", edited.1);
+    assert!(edited.1.contains("not the ones it signed"), "{}", edited.1);
+    let reordered = copy(&|lines| lines.swap(1, 2));
+    assert_eq!(reordered.0, 1, "{}", reordered.1);
+    let inserted = copy(&|lines| {
+        let again = lines[1].clone();
+        lines.insert(2, again);
+    });
+    assert_eq!(inserted.0, 1, "{}", inserted.1);
+    let removed = copy(&|lines| {
+        lines.remove(3);
+    });
+    assert_eq!(removed.0, 1, "{}", removed.1);
+
+    // Another log's key does not verify this one.
+    let other_secret = keys.path().join("other-audit-key.toml");
+    std::fs::write(&other_secret, format!("secret = \"{}\"\n", "ab".repeat(32))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "public-key", "--audit-key"])
+        .arg(&other_secret)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let other_public = keys.path().join("other.pub");
+    std::fs::write(&other_public, out.stdout).unwrap();
+    let (code, out) = verify_public(&other_public, &files);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("signature does not verify"), "{out}");
+
+    // The chain key's verification is unchanged by the checkpoints among the events.
+    let (ok, out) = daemon.verify_audit();
+    assert!(ok, "{out}");
+}

@@ -13,7 +13,10 @@
 //!
 //! The chain key and the fingerprint key are derived from one audit secret with HKDF-SHA256 under
 //! different labels, and neither is a data key: audit readers never need a key that opens passwords.
+//! A third label derives the Ed25519 seed that signs checkpoints (see [`super::checkpoint`]):
+//! its public key verifies the log without any secret.
 
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use ring::{hkdf, hmac};
 use serde::Deserialize;
 
@@ -39,6 +42,38 @@ pub struct AuditKeyError;
 pub struct AuditKeys {
     chain: hmac::Key,
     fingerprint: hmac::Key,
+    checkpoint: Ed25519KeyPair,
+}
+
+/// The length of an Ed25519 public key.
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Domain separation for the signed checkpoint message.
+const CHECKPOINT_CONTEXT: &[u8] = b"metapass.audit.checkpoint.v1\0";
+
+/// An HKDF output of 32 bytes (the Ed25519 seed).
+struct Seed;
+
+impl hkdf::KeyType for Seed {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+/// The message a checkpoint signs: context, the covered range, the digest of the covered lines.
+pub fn checkpoint_message(from: u64, through: u64, digest: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(CHECKPOINT_CONTEXT.len() + 16 + digest.len());
+    message.extend_from_slice(CHECKPOINT_CONTEXT);
+    message.extend_from_slice(&from.to_be_bytes());
+    message.extend_from_slice(&through.to_be_bytes());
+    message.extend_from_slice(digest);
+    message
+}
+
+/// Whether `signature` is the checkpoint key's signature of `message`, for public key `public`.
+pub fn checkpoint_signature_valid(public: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ED25519, public)
+        .verify(message, signature)
+        .is_ok()
 }
 
 impl std::fmt::Debug for AuditKeys {
@@ -61,10 +96,29 @@ impl AuditKeys {
                 .expect("one HMAC key is within HKDF's output limit")
                 .into()
         };
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        prk.expand(&[b"checkpoint-signing".as_slice()], Seed)
+            .and_then(|okm| okm.fill(seed.as_mut()))
+            .expect("32 bytes are within HKDF's output limit");
+        let checkpoint = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
+            .expect("any 32-byte seed is an Ed25519 key");
         Ok(Self {
             chain: derive(b"chain"),
             fingerprint: derive(b"fingerprint"),
+            checkpoint,
         })
+    }
+
+    /// The public key that verifies checkpoints.
+    pub fn checkpoint_public_key(&self) -> [u8; PUBLIC_KEY_LEN] {
+        let mut key = [0u8; PUBLIC_KEY_LEN];
+        key.copy_from_slice(self.checkpoint.public_key().as_ref());
+        key
+    }
+
+    /// Signs a checkpoint message (see [`checkpoint_message`]).
+    pub fn sign_checkpoint(&self, message: &[u8]) -> Vec<u8> {
+        self.checkpoint.sign(message).as_ref().to_vec()
     }
 
     /// `hmac-sha256:<hex>` of `value` under the fingerprint key: lets a reviewer who knows a value

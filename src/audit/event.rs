@@ -388,6 +388,22 @@ pub struct Facts {
     pub key_ids: Vec<u32>,
     /// For a `rate_limit:aggregate` event: the refusals it counts.
     pub aggregate: Option<Aggregate>,
+    /// For an `audit:checkpoint` event: what it signs.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A signed checkpoint over the log's lines (see [`super::checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checkpoint {
+    /// The first sequence number the digest covers (the previous checkpoint's own line, so that
+    /// checkpoints link; or the first line of the log).
+    pub from_sequence: u64,
+    /// The last sequence number it covers (the line before the checkpoint).
+    pub through_sequence: u64,
+    /// `sha256:<hex>` of the covered lines' bytes, newlines included.
+    pub digest: String,
+    /// `ed25519:<hex>` signature of the checkpoint message.
+    pub signature: String,
 }
 
 /// The refusals an aggregate event stands for (see [`super::aggregate`]).
@@ -461,6 +477,7 @@ impl Facts {
             previous_key_id: None,
             key_ids: Vec::new(),
             aggregate: None,
+            checkpoint: None,
         }
     }
 }
@@ -663,6 +680,8 @@ struct Unmapped<'a> {
     aggregated_count: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     aggregated_request_ids: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<&'a Checkpoint>,
 }
 
 #[derive(Serialize)]
@@ -866,6 +885,7 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
             key_ids: &facts.key_ids,
             aggregated_count: facts.aggregate.as_ref().map(|a| a.count),
             aggregated_request_ids: facts.aggregate.as_ref().map(|a| a.request_ids.as_slice()),
+            checkpoint: facts.checkpoint.as_ref(),
         },
     };
     let metadata = Metadata {

@@ -3,6 +3,7 @@
 //!
 //! - [`event`]: the facts handlers record and their OCSF JSON form.
 //! - [`chain`]: the audit keys, keyed fingerprints, and the per-line MAC chain.
+//! - [`checkpoint`]: signed checkpoints a public key verifies.
 //! - [`writer`]: the bounded queue and the group-committing writer thread.
 //! - [`verify`]: checking a chain of files.
 //! - [`anchor`]: checking the log against the chain head the store recorded with the last change.
@@ -13,6 +14,7 @@
 pub mod aggregate;
 pub mod anchor;
 pub mod chain;
+pub mod checkpoint;
 pub mod event;
 pub mod review;
 pub mod verify;

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::chain::{AuditKeys, GENESIS};
+use super::checkpoint::{CHECKPOINT_EVERY, Segment, recover_segment};
 use super::event::{self, Activity, Facts, Reason};
 use crate::metrics::AuditMetrics;
 
@@ -125,6 +126,8 @@ enum Item {
     Probe {
         ack: Ack,
     },
+    /// Time passed: sign a checkpoint if one is due.
+    Tick,
 }
 
 /// The name of the scratch file a probe writes (never an audit file: those start with `audit-`).
@@ -212,6 +215,7 @@ impl Auditor {
         let lock = lock_dir(&config.dir)?;
         let position = recover(&config.dir, &keys)?;
         let writer_id: Arc<str> = writer_id(config.writer_id.as_deref(), &config.dir).into();
+        let segment = recover_segment(&log_files(&config.dir)?)?;
         let recovered = (position.seq > 0).then(|| Written {
             seq: position.seq,
             mac: position.prev.clone(),
@@ -227,6 +231,9 @@ impl Auditor {
             dir: config.dir.clone(),
             file_id,
             lost: None,
+            segment,
+            unsealed: 0,
+            last_checkpoint: Instant::now(),
             sync: config.sync,
             max_file_bytes: config.max_file_bytes,
             keys: keys.clone(),
@@ -314,7 +321,14 @@ impl Auditor {
         .await
     }
 
-    /// Waits until everything queued before this call is written and on disk.
+    /// Asks the writer to sign a checkpoint if events were written since the last one and
+    /// [`CHECKPOINT_EVERY`] has passed (called on a timer; never waits).
+    pub fn tick(&self) {
+        let _ = self.tx.try_send(Item::Tick);
+    }
+
+    /// Waits until everything queued before this call is written, sealed by a signed
+    /// checkpoint, and on disk.
     pub async fn flush(&self) -> Result<(), AuditError> {
         let (ack, rx) = oneshot::channel();
         self.tx
@@ -497,6 +511,12 @@ struct Writer {
     file_id: Option<(u64, u64)>,
     /// A file found deleted or replaced, whose incident event the next file opens with.
     lost: Option<LostFile>,
+    /// The lines since the last checkpoint (its own line first).
+    segment: Segment,
+    /// Lines written since the last checkpoint.
+    unsealed: u64,
+    /// When the last checkpoint was written.
+    last_checkpoint: Instant,
     size: u64,
     seq: u64,
     prev: String,
@@ -552,6 +572,7 @@ impl Writer {
                 let (ack, position) = match item {
                     Item::Event { ack, .. } => (ack, positions.next()),
                     Item::Flush { ack } | Item::Probe { ack } => (ack, None),
+                    Item::Tick => continue,
                 };
                 let _ = ack.send(result.clone().map(|()| position));
             }
@@ -586,9 +607,16 @@ impl Writer {
             || batch.iter().any(|i| match i {
                 Item::Event { durability, .. } => *durability == Durability::Durable,
                 Item::Flush { .. } => true,
-                Item::Probe { .. } => false,
+                Item::Probe { .. } | Item::Tick => false,
             });
+        let ticks_only = batch.iter().all(|i| matches!(i, Item::Tick));
+        if ticks_only && !(self.unsealed > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
+        {
+            return Ok(());
+        }
         self.check_in_place()?;
+        let (segment0, unsealed0, checkpoint0) =
+            (self.segment.clone(), self.unsealed, self.last_checkpoint);
         let (seq0, prev0) = (self.seq, self.prev.clone());
         // A batch that opens a new file starts it at zero; otherwise it starts at the current size.
         let size0 = if self.file.is_some() { self.size } else { 0 };
@@ -598,24 +626,32 @@ impl Writer {
             && let Some(lost) = &self.lost
         {
             let line = incident_line(lost);
-            self.seq += 1;
-            self.prev = self
-                .keys
-                .seal_line(&line, self.seq, &self.prev, &mut self.buf);
+            self.seal(&line);
             events += 1;
         }
         for item in batch {
             if let Item::Event { line, .. } = item {
-                self.seq += 1;
-                self.prev = self
-                    .keys
-                    .seal_line(line, self.seq, &self.prev, &mut self.buf);
+                self.seal(line);
                 written.push(Written {
                     seq: self.seq,
                     mac: self.prev.clone(),
                 });
                 events += 1;
             }
+        }
+        // Sign what is unsealed when a second has passed, before a rotation (every file ends
+        // sealed), and on a flush (what shutdown and import-nova end with).
+        let rotating = size0 + self.buf.len() as u64 >= self.max_file_bytes;
+        let flushing = batch.iter().any(|i| matches!(i, Item::Flush { .. }));
+        let checkpointed = self.unsealed > 0
+            && (rotating || flushing || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
+        if checkpointed {
+            let line = self.segment.checkpoint_line(&self.keys, self.seq);
+            self.segment = Segment::default();
+            self.seal(&line);
+            self.unsealed = 0;
+            self.last_checkpoint = Instant::now();
+            events += 1;
         }
         // Written into a file that was unlinked meanwhile is not written: checked again after.
         match self
@@ -624,6 +660,15 @@ impl Writer {
         {
             Ok(()) => {
                 self.lost = None;
+                if checkpointed {
+                    // For an off-host witness: the operational log (journald under systemd).
+                    tracing::info!(
+                        through_sequence = self.seq - 1,
+                        checkpoint_sequence = self.seq,
+                        checkpoint_mac = %self.prev,
+                        "audit checkpoint signed"
+                    );
+                }
                 self.metrics.events_written.inc_by(events);
                 if self.size >= self.max_file_bytes {
                     self.close_current();
@@ -633,6 +678,9 @@ impl Writer {
             Err(e) => {
                 self.seq = seq0;
                 self.prev = prev0;
+                self.segment = segment0;
+                self.unsealed = unsealed0;
+                self.last_checkpoint = checkpoint0;
                 self.roll_back(size0);
                 Err(e)
             }
@@ -663,6 +711,18 @@ impl Writer {
             self.unsynced_bytes = 0;
         }
         Ok(())
+    }
+
+    /// Seals `open` as the next line of the chain into the batch buffer and adds it to the
+    /// checkpoint segment.
+    fn seal(&mut self, open: &[u8]) {
+        let start = self.buf.len();
+        self.seq += 1;
+        self.prev = self
+            .keys
+            .seal_line(open, self.seq, &self.prev, &mut self.buf);
+        self.segment.add(self.seq, &self.buf[start..]);
+        self.unsealed += 1;
     }
 
     /// Fails (and gives the file up) when the open file is no longer the one linked under its

@@ -269,9 +269,11 @@ impl Daemon {
     /// Every complete audit event written so far (a torn last line, left by a crash, is skipped).
     pub fn audit_events_lenient(&self) -> Vec<Value> {
         let files = metapass::audit::review::files_of(&self.audit_dir()).expect("audit dir");
-        metapass::audit::review::read_events(&files)
+        let mut events = metapass::audit::review::read_events(&files)
             .expect("read")
-            .0
+            .0;
+        events.retain(|e| e["api"]["operation"] != "audit:checkpoint");
+        events
     }
 
     /// Runs `metapass audit verify` on this daemon's log; returns (success, stdout).
@@ -404,8 +406,30 @@ impl Drop for Daemon {
     }
 }
 
-/// Reads every event of every audit file in `dir`, in chain order.
+/// How a signed checkpoint line (the writer's own, about once a second) is told apart.
+pub const CHECKPOINT_MARK: &str = r#""operation":"audit:checkpoint""#;
+
+/// The writer's signed checkpoint events in `dir`, in chain order.
+pub fn audit_checkpoints(dir: &Path) -> Vec<Value> {
+    all_audit_lines(dir)
+        .into_iter()
+        .filter(|l| l.contains(CHECKPOINT_MARK))
+        .map(|l| serde_json::from_str(&l).expect("audit line is JSON"))
+        .collect()
+}
+
+/// Reads every event of every audit file in `dir`, in chain order, except the writer's
+/// checkpoints (they come with time, not with requests: see [`audit_checkpoints`]).
 pub fn audit_events(dir: &Path) -> Vec<Value> {
+    all_audit_lines(dir)
+        .into_iter()
+        .filter(|l| !l.contains(CHECKPOINT_MARK))
+        .map(|l| serde_json::from_str(&l).expect("audit line is JSON"))
+        .collect()
+}
+
+/// Every complete line of every audit file in `dir`, in chain order.
+fn all_audit_lines(dir: &Path) -> Vec<String> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
@@ -417,7 +441,7 @@ pub fn audit_events(dir: &Path) -> Vec<Value> {
         // Only complete lines: the writer may be in the middle of appending the next one.
         let complete = text.rfind('\n').map_or("", |end| &text[..end]);
         for line in complete.lines() {
-            events.push(serde_json::from_str(line).expect("audit line is JSON"));
+            events.push(line.to_owned());
         }
     }
     events
@@ -449,7 +473,10 @@ impl AuditCounter {
             file.read_to_end(&mut new).expect("read");
             // Count only up to the last newline; a partial line is read again next time.
             if let Some(end) = new.iter().rposition(|&b| b == b'\n') {
-                self.lines += new[..=end].iter().filter(|&&b| b == b'\n').count();
+                self.lines += String::from_utf8_lossy(&new[..=end])
+                    .lines()
+                    .filter(|l| !l.contains(CHECKPOINT_MARK))
+                    .count();
                 *offset += end as u64 + 1;
             }
         }
