@@ -210,6 +210,17 @@ enum AuditCommand {
         /// Audit files to verify, in chain order.
         files: Vec<PathBuf>,
     },
+    /// Compare the store with what the audit log says each instance's state is (registered
+    /// project, password set or not, record version and key): exit 0 when they agree, 1 naming
+    /// every instance that differs (rolled back, planted, moved or deleted records).
+    Reconcile {
+        /// The daemon configuration (its store, audit log and audit key).
+        #[arg(long)]
+        config: PathBuf,
+        /// The data directory, if not the configured one.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Print the public key that verifies the log's signed checkpoints (`ed25519:<hex>`), to
     /// hand to reviewers: `audit verify --public-key FILE` needs nothing else.
     PublicKey {
@@ -576,6 +587,75 @@ fn keys_from(
     }
 }
 
+/// `audit reconcile`: the whole log verified (chain from sequence 1, anchor), replayed, and
+/// compared with the store's registry.
+fn reconcile(config_path: &std::path::Path, data_dir: Option<PathBuf>) -> Result<ExitCode, String> {
+    use metapass::audit::{anchor, reconcile};
+    use metapass::store::Store;
+    let config = load(
+        config_path,
+        &Overrides {
+            listen: None,
+            data_dir: data_dir.clone(),
+        },
+    )?;
+    let keys = audit_keys(&config)?;
+    let dir = config.audit.dir.clone();
+    let report = verify::verify_dir(&keys, &dir, verify::Start::Genesis)
+        .map_err(|e| format!("reading the audit log: {e}"))?;
+    if let Some(problem) = &report.problem {
+        println!(
+            "FAILED: the audit log does not verify, so it cannot vouch for the store: {problem}"
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if let Some(stored) = stored_anchor(config_path, data_dir)? {
+        let ends_at = report.range.map_or(0, |(_, last)| last);
+        if let Err(gap) = anchor::check(&keys, &dir, ends_at, (stored.seq, &stored.mac))
+            .map_err(|e| format!("reading the audit log: {e}"))?
+        {
+            println!("FAILED: the audit log is behind the store: {gap}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let files = review::files_of(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (events, _) =
+        review::read_events(&files).map_err(|e| format!("reading the audit log: {e}"))?;
+    let expected = reconcile::replay(&events);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let rows = runtime.block_on(async {
+        let metrics = metapass::metrics::Metrics::new();
+        let store = metapass::store::Backend::open(&config.store, metrics.store_seconds.clone())
+            .await
+            .map_err(|e| format!("opening the store: {e}"))?;
+        store
+            .inventory()
+            .await
+            .map_err(|e| format!("reading the store: {e}"))
+    })?;
+    let instances = rows.len();
+    let differences = reconcile::compare(expected, rows);
+    for difference in &differences {
+        println!("DIFFERS {difference}");
+    }
+    if differences.is_empty() {
+        println!(
+            "OK: the store's {instances} instances agree with the {} events of the audit log",
+            report.events
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "FAILED: {} instances differ from what the audit log says",
+            differences.len()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
 /// `audit verify --public-key`: checkpoints only, no secret.
 fn verify_public(
     public_key: &std::path::Path,
@@ -707,6 +787,7 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
             files,
             ..
         } => verify_public(&public_key, dir, files),
+        AuditCommand::Reconcile { config, data_dir } => reconcile(&config, data_dir),
         AuditCommand::PublicKey { key } => {
             let (keys, _) = keys_from(&key, None)?;
             println!(

@@ -445,3 +445,132 @@ async fn a_project_edited_in_the_database_releases_nothing() {
     assert_eq!(as_a.status, 404, "{}", as_a.text());
     assert!(!as_a.text().contains(secret));
 }
+
+/// Runs `metapass audit reconcile` on the daemon's store and log; returns (exit code, stdout).
+fn reconcile(daemon: &Daemon) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(["audit", "reconcile", "--config"])
+        .arg(&daemon.config)
+        .arg("--data-dir")
+        .arg(daemon.data_dir())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// An attacker with write access to the database bends it in ways the seal cannot see: an
+/// instance's whole older record restored (row, version, key id and chunks, all consistent),
+/// a row planted, an instance moved, an instance deleted. `audit reconcile` replays the log
+/// and names every one of them; on an untouched store it agrees.
+#[tokio::test]
+async fn audit_reconcile_names_rolled_back_planted_moved_and_deleted_records() {
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    let owner = |id: &str| format!("/v2.1/servers/{id}/os-server-password");
+    let ids: Vec<String> = (0..4).map(|_| new_instance()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        client.register(id, A).await;
+        assert_eq!(
+            client
+                .post_password(id, A, format!("first-{i}"))
+                .await
+                .status,
+            200
+        );
+    }
+    let rolled_back = &ids[0];
+    let db = daemon.db_path();
+    let old_chunks = chunks_of(&db, rolled_back);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let old_row: (i64, Option<i64>) = conn
+        .query_row(
+            "SELECT password_version, password_key_id FROM instances WHERE instance_id = ?1",
+            [rolled_back],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let clear = client
+        .send(
+            http::Method::DELETE,
+            &owner(rolled_back),
+            &[("x-auth-token", TOKEN_A)],
+            "",
+        )
+        .await;
+    assert_eq!(clear.status, 204);
+    assert_eq!(
+        client.post_password(rolled_back, A, "second").await.status,
+        200
+    );
+    assert!(daemon.terminate());
+    let (code, out) = reconcile(&daemon);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("OK: the store's 4 instances agree"), "{out}");
+
+    // 1. The whole older record restored: consistent, so it opens and is served as current.
+    conn.execute(
+        "UPDATE instances SET password_version = ?2, password_key_id = ?3 WHERE instance_id = ?1",
+        rusqlite::params![rolled_back, old_row.0, old_row.1],
+    )
+    .unwrap();
+    conn.execute(
+        "DELETE FROM instance_metadata WHERE instance_id = ?1",
+        [rolled_back],
+    )
+    .unwrap();
+    for (key, value) in &old_chunks {
+        conn.execute(
+            "INSERT INTO instance_metadata (instance_id, key, value) VALUES (?1, ?2, ?3)",
+            rusqlite::params![rolled_back, key, value],
+        )
+        .unwrap();
+    }
+    // 2. A row planted without any audited registration.
+    let planted = new_instance();
+    conn.execute(
+        "INSERT INTO instances (instance_id, project_id, created_at, updated_at) VALUES (?1, 'project-a', 0, 0)",
+        [&planted],
+    )
+    .unwrap();
+    // 3. Moved, 4. deleted.
+    conn.execute(
+        "UPDATE instances SET project_id = 'project-b' WHERE instance_id = ?1",
+        [&ids[1]],
+    )
+    .unwrap();
+    conn.execute("DELETE FROM instances WHERE instance_id = ?1", [&ids[2]])
+        .unwrap();
+    drop(conn);
+
+    daemon.restart();
+    let served = daemon.client().get_password(rolled_back, A).await;
+    assert_eq!(
+        served.text(),
+        "first-0",
+        "the seal alone cannot tell a consistent old record from the current one"
+    );
+    assert!(daemon.terminate());
+    let (code, out) = reconcile(&daemon);
+    assert_eq!(code, 1, "{out}");
+    for (id, what) in [
+        (rolled_back.as_str(), "rolled back"),
+        (planted.as_str(), "planted"),
+        (ids[1].as_str(), "moved"),
+        (ids[2].as_str(), "deleted behind metapass's back"),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("DIFFERS") && l.contains(id) && l.contains(what)),
+            "{id} {what}:\n{out}"
+        );
+    }
+    assert!(
+        !out.contains(&ids[3]),
+        "the untouched instance agrees: {out}"
+    );
+    assert!(out.contains("FAILED: 4 instances differ"), "{out}");
+}

@@ -390,9 +390,12 @@ async fn get_password(
     ))
 }
 
-fn answer_clear(outcome: &ClearOutcome, _: &mut Facts) -> Result<StatusCode, ApiError> {
+fn answer_clear(outcome: &ClearOutcome, facts: &mut Facts) -> Result<StatusCode, ApiError> {
     match outcome {
-        ClearOutcome::Cleared { .. } => Ok(StatusCode::NO_CONTENT),
+        ClearOutcome::Cleared { version, .. } => {
+            facts.record_version = Some(*version);
+            Ok(StatusCode::NO_CONTENT)
+        }
         ClearOutcome::NotFound => Err(ApiError::not_found(
             Reason::UnknownInstance,
             "Instance could not be found.",

@@ -7,6 +7,7 @@
 //! - [`writer`]: the bounded queue and the group-committing writer thread.
 //! - [`verify`]: checking a chain of files.
 //! - [`anchor`]: checking the log against the chain head the store recorded with the last change.
+//! - [`reconcile`]: the store against what the log says each instance's state is.
 //! - [`review`]: `audit show` and `audit summary` for reviewers.
 //!
 //! The schema and an example of each event type are in `SECURITY.md`.
@@ -16,6 +17,7 @@ pub mod anchor;
 pub mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod reconcile;
 pub mod review;
 pub mod verify;
 pub mod writer;

@@ -151,7 +151,8 @@ fn answer_delete(outcome: &DeleteOutcome, facts: &mut Facts) -> Result<StatusCod
 
 fn answer_clear(outcome: &ClearOutcome, facts: &mut Facts) -> Result<StatusCode, ApiError> {
     match outcome {
-        ClearOutcome::Cleared { was_set } => {
+        ClearOutcome::Cleared { was_set, version } => {
+            facts.record_version = Some(*version);
             if !was_set {
                 facts.detail = Some("no password was set".into());
             }

@@ -76,6 +76,21 @@ pub struct InstanceRecord {
     pub password_version: u64,
 }
 
+/// One registry row as `audit reconcile` compares it with what the log says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryRow {
+    /// The instance.
+    pub id: String,
+    /// Its project.
+    pub project: String,
+    /// Whether a password is set.
+    pub password_set: bool,
+    /// Its record version.
+    pub version: u64,
+    /// The key its password is sealed under.
+    pub key_id: Option<KeyId>,
+}
+
 /// An instance and the raw chunks of its sealed password, read in one statement.
 #[derive(Debug, Clone)]
 pub struct PasswordRecord {
@@ -161,6 +176,8 @@ pub enum ClearOutcome {
     Cleared {
         /// Whether a password was set before.
         was_set: bool,
+        /// The record version the clear gave the instance.
+        version: u64,
     },
     /// No such instance.
     NotFound,
@@ -433,6 +450,9 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers (for readiness).
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Every registered instance's registry row, in instance order (for `audit reconcile`).
+    fn inventory(&self) -> impl Future<Output = Result<Vec<InventoryRow>, StoreError>> + Send;
+
     /// The newest audit anchor recorded for `writer`, if any.
     fn audit_anchor(
         &self,
@@ -588,6 +608,10 @@ impl Store for Backend {
 
     async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self.ping())
+    }
+
+    async fn inventory(&self) -> Result<Vec<InventoryRow>, StoreError> {
+        delegate!(self.inventory())
     }
 
     async fn audit_anchor(&self, writer: &str) -> Result<Option<AuditAnchor>, StoreError> {

@@ -29,8 +29,8 @@ use secrecy::ExposeSecret;
 use tokio_postgres::{GenericClient, NoTls};
 
 use super::{
-    AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, KeySync, KeyUsage,
-    PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
+    AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, InventoryRow, KeySync,
+    KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
     Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome, Store, StoreError,
     chunks, key_id_from, now_unix, plan_register, stored_project, to_i64, version_from,
 };
@@ -827,7 +827,7 @@ impl Store for PostgresStore {
                 .await
                 .map_err(db_err)?;
                 delete_chunks(&tx, id).await?;
-                ClearOutcome::Cleared { was_set }
+                ClearOutcome::Cleared { was_set, version }
             }
         };
         settle(tx, gate, outcome).await
@@ -878,6 +878,29 @@ impl Store for PostgresStore {
         let conn = self.conn().await?;
         conn.query_one("SELECT 1", &[]).await.map_err(db_err)?;
         Ok(())
+    }
+
+    async fn inventory(&self) -> Result<Vec<InventoryRow>, StoreError> {
+        let conn = self.conn().await?;
+        let rows = conn
+            .query(
+                "SELECT instance_id, project_id, password_set, password_version, password_key_id
+                 FROM instances ORDER BY instance_id",
+                &[],
+            )
+            .await
+            .map_err(db_err)?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(InventoryRow {
+                    id: row.get(0),
+                    project: row.get(1),
+                    password_set: row.get(2),
+                    version: version_from(row.get(3))?,
+                    key_id: row.get::<_, Option<i64>>(4).map(key_id_from).transpose()?,
+                })
+            })
+            .collect()
     }
 
     async fn audit_anchor(&self, writer: &str) -> Result<Option<AuditAnchor>, StoreError> {

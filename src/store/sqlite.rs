@@ -23,10 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, GateDenied, GateTicket, InstanceRecord,
-    KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome,
-    RegisterPlan, Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn, SetOutcome,
-    Store, StoreError, chunks, key_id_from, now_unix, plan_register, stored_project, to_i64,
-    version_from,
+    InventoryRow, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord,
+    RegisterOutcome, RegisterPlan, Registration, ResealFn, RewrapCandidate, RewrapOutcome, SealFn,
+    SetOutcome, Store, StoreError, chunks, key_id_from, now_unix, plan_register, stored_project,
+    to_i64, version_from,
 };
 use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
 use crate::ids::{InstanceId, ProjectId};
@@ -975,6 +975,7 @@ impl Store for SqliteStore {
             delete_chunks(conn, &id)?;
             Ok(ClearOutcome::Cleared {
                 was_set: before.password_set,
+                version,
             })
         })
         .await
@@ -1017,6 +1018,40 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(db_err))
+    }
+
+    async fn inventory(&self) -> Result<Vec<InventoryRow>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT instance_id, project_id, password_set, password_version, password_key_id
+                     FROM instances ORDER BY instance_id",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, Option<i64>>(4)?,
+                    ))
+                })
+                .map_err(db_err)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, project, set, version, key) = row.map_err(db_err)?;
+                out.push(InventoryRow {
+                    id,
+                    project,
+                    password_set: set != 0,
+                    version: version_from(version)?,
+                    key_id: key.map(key_id_from).transpose()?,
+                });
+            }
+            Ok(out)
+        })
     }
 
     async fn audit_anchor(&self, writer: &str) -> Result<Option<AuditAnchor>, StoreError> {
