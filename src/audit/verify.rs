@@ -111,61 +111,94 @@ pub enum Start {
     Retained(u64),
 }
 
-/// Verifies `files` as one chain, in the order given.
+/// Verifies `files` as one chain, in the order given, one file in memory at a time.
 pub fn verify_files(keys: &AuditKeys, files: &[PathBuf], start: Start) -> std::io::Result<Report> {
-    let contents = files
-        .iter()
-        .map(|f| Ok((f.clone(), std::fs::read(f)?)))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    Ok(verify_contents(keys, &contents, start))
+    let mut verifier = Verifier::new(keys, start);
+    for file in files {
+        let content = std::fs::read(file)?;
+        if !verifier.feed(file, &content) {
+            break;
+        }
+    }
+    Ok(verifier.finish(files.first()))
 }
 
 /// Verifies the contents of audit files (named for the report) as one chain, in the order given.
 pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)], start: Start) -> Report {
-    let mut report = Report::default();
-    let mut last: Option<(u64, String)> = None;
-    let mut previous_file: HashMap<u64, String> = HashMap::new();
-    for (file_index, (path, content)) in files.iter().enumerate() {
+    let mut verifier = Verifier::new(keys, start);
+    for (path, content) in files {
+        if !verifier.feed(path, content) {
+            break;
+        }
+    }
+    verifier.finish(files.first().map(|(p, _)| p))
+}
+
+/// The state of a verification between files: the last line verified and the MACs of the
+/// previous file (to recognise a file that continues from an abandoned tail).
+struct Verifier<'k> {
+    keys: &'k AuditKeys,
+    start: Start,
+    report: Report,
+    last: Option<(u64, String)>,
+    previous_file: HashMap<u64, String>,
+}
+
+impl<'k> Verifier<'k> {
+    fn new(keys: &'k AuditKeys, start: Start) -> Self {
+        Self {
+            keys,
+            start,
+            report: Report::default(),
+            last: None,
+            previous_file: HashMap::new(),
+        }
+    }
+
+    /// Verifies one more file; `false` once a problem ends the verification.
+    fn feed(&mut self, path: &Path, content: &[u8]) -> bool {
+        let report = &mut self.report;
+        let file_index = report.files;
         report.files += 1;
         let mut pieces: Vec<&[u8]> = content.split(|&b| b == b'\n').collect();
         let tail = pieces.pop().unwrap_or_default();
         let mut this_file = HashMap::new();
         for (line_index, line) in pieces.iter().enumerate() {
             let line_no = line_index + 1;
-            let expected = last.as_ref().map_or(1, |(s, _)| s + 1);
+            let expected = self.last.as_ref().map_or(1, |(s, _)| s + 1);
             let problem = |seq, kind| Problem {
-                file: path.clone(),
+                file: path.to_path_buf(),
                 line: line_no,
                 seq,
                 kind,
             };
-            let fields = match keys.check_line(line) {
+            let fields = match self.keys.check_line(line) {
                 Ok(f) => f,
                 Err(LineError::BadMac { seq }) => {
                     report.problem = Some(problem(seq, ProblemKind::BadMac));
-                    return report;
+                    return false;
                 }
                 Err(LineError::Malformed) => {
                     report.problem = Some(problem(expected, ProblemKind::Malformed));
-                    return report;
+                    return false;
                 }
             };
-            match &last {
+            match &self.last {
                 None => {
-                    let expected = match start {
+                    let expected = match self.start {
                         Start::Genesis => 1,
                         Start::Retained(n) => n,
                     };
-                    let genesis_ok = start != Start::Genesis || fields.prev == GENESIS;
+                    let genesis_ok = self.start != Start::Genesis || fields.prev == GENESIS;
                     if fields.seq != expected || !genesis_ok {
                         let kind = ProblemKind::MissingStart {
                             expected,
                             found: fields.seq,
                         };
                         report.problem = Some(problem(expected, kind));
-                        return report;
+                        return false;
                     }
-                    if let Start::Retained(n) = start {
+                    if let Start::Retained(n) = self.start {
                         report.warnings.push(format!(
                             "the retained log begins at sequence {n} in {}, as stated (earlier files not checked)",
                             path.display()
@@ -177,7 +210,7 @@ pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)], start: St
                     let continues_earlier = line_index == 0
                         && file_index > 0
                         && fields.seq >= 1
-                        && previous_file.get(&(fields.seq - 1)) == Some(&fields.prev);
+                        && self.previous_file.get(&(fields.seq - 1)) == Some(&fields.prev);
                     if continues_earlier && !follows {
                         report.warnings.push(format!(
                             "{} continues the chain from sequence {}: the {} line(s) after it in the previous file were written but never acknowledged (a failed write)",
@@ -191,17 +224,17 @@ pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)], start: St
                             found: fields.seq,
                         };
                         report.problem = Some(problem(last_seq + 1, kind));
-                        return report;
+                        return false;
                     } else if !follows {
                         report.problem = Some(problem(fields.seq, ProblemKind::BrokenLink));
-                        return report;
+                        return false;
                     }
                 }
             }
             report.events += 1;
             report.range = Some((report.range.map_or(fields.seq, |(a, _)| a), fields.seq));
             this_file.insert(fields.seq, fields.mac.clone());
-            last = Some((fields.seq, fields.mac));
+            self.last = Some((fields.seq, fields.mac));
         }
         if !tail.is_empty() {
             report.warnings.push(format!(
@@ -210,18 +243,22 @@ pub fn verify_contents(keys: &AuditKeys, files: &[(PathBuf, Vec<u8>)], start: St
                 tail.len()
             ));
         }
-        previous_file = this_file;
+        self.previous_file = this_file;
+        true
     }
-    if report.events == 0 && report.problem.is_none() {
-        // Verifying nothing proves nothing: a deleted or emptied log fails.
-        report.problem = Some(Problem {
-            file: files.first().map(|(p, _)| p.clone()).unwrap_or_default(),
-            line: 0,
-            seq: 1,
-            kind: ProblemKind::NoEvents,
-        });
+
+    fn finish(mut self, first: Option<&PathBuf>) -> Report {
+        if self.report.events == 0 && self.report.problem.is_none() {
+            // Verifying nothing proves nothing: a deleted or emptied log fails.
+            self.report.problem = Some(Problem {
+                file: first.cloned().unwrap_or_default(),
+                line: 0,
+                seq: 1,
+                kind: ProblemKind::NoEvents,
+            });
+        }
+        self.report
     }
-    report
 }
 
 /// Verifies every audit file in `dir`, in chain order.
