@@ -73,6 +73,13 @@ enum Command {
         /// A file holding the database password (mode 0600).
         #[arg(long)]
         db_password_file: Option<PathBuf>,
+        /// The CA the database server's certificate must chain to: TLS, required outside dev
+        /// mode (a server without TLS is then refused).
+        #[arg(long)]
+        db_ca_file: Option<PathBuf>,
+        /// Read Nova's database without TLS outside dev mode (a protected network only).
+        #[arg(long, conflicts_with = "db_ca_file")]
+        db_insecure_plaintext: bool,
         /// The metapass configuration.
         #[arg(long)]
         config: PathBuf,
@@ -280,6 +287,8 @@ fn main() -> ExitCode {
         Command::ImportNova {
             db,
             db_password_file,
+            db_ca_file,
+            db_insecure_plaintext,
             config,
             data_dir,
             dry_run,
@@ -289,6 +298,8 @@ fn main() -> ExitCode {
             ImportArgs {
                 db,
                 db_password_file,
+                db_ca_file,
+                db_insecure_plaintext,
                 dry_run,
                 options: metapass::nova::import::ImportOptions {
                     batch: batch as usize,
@@ -313,6 +324,8 @@ fn main() -> ExitCode {
 struct ImportArgs {
     db: String,
     db_password_file: Option<PathBuf>,
+    db_ca_file: Option<PathBuf>,
+    db_insecure_plaintext: bool,
     dry_run: bool,
     options: metapass::nova::import::ImportOptions,
 }
@@ -348,12 +361,18 @@ fn import_nova(
             .map_err(|()| "--db cannot carry a password".to_owned())?;
     }
     let url = zeroize::Zeroizing::new(url.to_string());
+    if args.db_ca_file.is_none() {
+        if !(config.dev_mode || args.db_insecure_plaintext) {
+            return Err("import-nova reads Nova's database over TLS outside dev mode: give --db-ca-file (the CA of the database server's certificate), or --db-insecure-plaintext on a protected network".into());
+        }
+        tracing::warn!("reading Nova's database without TLS");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let report = runtime.block_on(async {
-        let nova = import::NovaDatabase::new(&url)?;
+        let nova = import::NovaDatabase::new(&url, args.db_ca_file.as_deref())?;
         let report = if args.dry_run {
             let metrics = metapass::metrics::Metrics::new();
             let store = metapass::store::Backend::open(&config.store, metrics.store_seconds)

@@ -227,6 +227,36 @@ fn a_database_password_must_come_from_an_owner_only_file() {
         stderr.contains("needs ca_file") && stderr.contains("insecure_plaintext"),
         "{stderr}"
     );
+    // So is Nova's database, for the registry lookup.
+    let lookup = dir.path().join("lookup.toml");
+    std::fs::write(
+        &lookup,
+        format!("{text}\n[nova_lookup]\nurl = \"mysql://metapass_ro@127.0.0.1:3306/nova\"\n"),
+    )
+    .unwrap();
+    let stderr = serve_must_fail(&lookup);
+    assert!(
+        stderr.contains("[nova_lookup] needs TLS") && stderr.contains("insecure_plaintext"),
+        "{stderr}"
+    );
+    // And for import-nova, refused before it connects.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args([
+            "import-nova",
+            "--db",
+            "mysql://nova_ro@127.0.0.1:1/nova",
+            "--dry-run",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("over TLS outside dev mode") && stderr.contains("--db-insecure-plaintext"),
+        "{stderr}"
+    );
     // An unknown setting or a URL that is not one is refused before connecting.
     let stderr = serve_must_fail(&with_store(
         "backend = \"postgres\"\nurl = \"postgresql://x@127.0.0.1/test\"\npool = 3",

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,12 @@ async fn fresh_nova_database() -> Option<(String, mysql_async::Pool, String)> {
         eprintln!("SKIPPED: METAPASS_TEST_MYSQL is not set");
         return None;
     };
-    let admin = mysql_async::Pool::new(mysql_async::Opts::from_url(&base).unwrap());
+    Some(nova_database_on(&base).await)
+}
+
+/// A fresh database with Nova's schema subset on the server at `base`: (url, admin pool, name).
+async fn nova_database_on(base: &str) -> (String, mysql_async::Pool, String) {
+    let admin = mysql_async::Pool::new(mysql_async::Opts::from_url(base).unwrap());
     let name = format!("mp_{}", uuid::Uuid::new_v4().simple());
     let mut conn = admin
         .get_conn()
@@ -56,9 +62,145 @@ async fn fresh_nova_database() -> Option<(String, mysql_async::Pool, String)> {
     .await
     .unwrap();
     drop(conn);
-    let mut url = url::Url::parse(&base).expect("METAPASS_TEST_MYSQL is a URL");
+    let mut url = url::Url::parse(base).expect("a MySQL URL");
     url.set_path(&format!("/{name}"));
-    Some((url.to_string(), admin, name))
+    (url.to_string(), admin, name)
+}
+
+/// A private MariaDB (Debian's mariadbd) serving TLS with the dev server certificate on a free
+/// loopback port, in its own data directory; stopped when dropped.
+struct TlsMariaDb {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsMariaDb {
+    /// `None` (and SKIPPED) when mariadbd is not installed.
+    fn start() -> Option<Self> {
+        let (Ok(install), Ok(server)) = (which("mariadb-install-db"), which("mariadbd")) else {
+            eprintln!("SKIPPED: mariadbd / mariadb-install-db are not installed");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let user = if running_as_root() { "root" } else { "" };
+        let mut init = Command::new(install);
+        init.args([
+            "--no-defaults",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ])
+        .arg(format!("--datadir={}", data.display()));
+        if !user.is_empty() {
+            init.arg(format!("--user={user}"));
+        }
+        let out = init.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let certs = repo().join("certs-dev");
+        let mut command = Command::new(server);
+        command
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", dir.path().join("sock").display()))
+            .arg(format!("--pid-file={}", dir.path().join("pid").display()))
+            .arg(format!(
+                "--log-error={}",
+                dir.path().join("error.log").display()
+            ))
+            .arg(format!("--ssl-cert={}", certs.join("server.pem").display()))
+            .arg(format!("--ssl-key={}", certs.join("server.key").display()))
+            .arg(format!("--ssl-ca={}", certs.join("ca.pem").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if !user.is_empty() {
+            command.arg(format!("--user={user}"));
+        }
+        let child = command.spawn().unwrap();
+        let server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the private MariaDB did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(server)
+    }
+
+    fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for TlsMariaDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// import-nova over TLS: verified against the CA given with --db-ca-file (Debian's MariaDB with
+/// the dev server certificate); another CA's certificate is refused, and a server that offers no
+/// TLS is refused rather than read in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_nova_reads_over_verified_tls() {
+    let Some(server) = TlsMariaDb::start() else {
+        return;
+    };
+    let (url, admin, db) = nova_database_on(&server.url()).await;
+    let id = nova_instance(&admin, &db, Some(A), "dGxzLWJsb2I=", false).await;
+    let mut daemon = Daemon::start();
+    assert!(daemon.terminate());
+    let ca = repo().join("certs-dev/ca.pem");
+    let foreign = repo().join("certs-dev/foreign-ca.pem");
+
+    let (ok, _, stderr) = import(&daemon, &url, &["--db-ca-file", foreign.to_str().unwrap()]);
+    assert!(!ok, "a certificate from another CA was accepted");
+    assert!(stderr.contains("Nova database"), "{stderr}");
+    if let Ok(plain) = std::env::var("METAPASS_TEST_MYSQL") {
+        let (plain_url, _, _) = nova_database_on(&plain).await;
+        let (ok, _, stderr) = import(&daemon, &plain_url, &["--db-ca-file", ca.to_str().unwrap()]);
+        assert!(!ok, "a server without TLS was read in plaintext");
+        assert!(stderr.to_lowercase().contains("ssl"), "{stderr}");
+    }
+    let (ok, out, stderr) = import(&daemon, &url, &["--db-ca-file", ca.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(out.contains("imported 1,"), "{out}");
+    daemon.restart();
+    assert_eq!(
+        daemon.client().get_password(&id, A).await.text(),
+        "dGxzLWJsb2I="
+    );
 }
 
 /// Adds a Nova instance (`deleted` as Nova soft-deletes: the row's id) and its password, split

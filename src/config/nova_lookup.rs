@@ -4,6 +4,8 @@
 //! [nova_lookup]
 //! url = "mysql://metapass_ro@nova-db:3306/nova"   # a read-only account; no password in the URL
 //! password_file = "/etc/metapass/nova-db-password"
+//! ca_file = "/etc/metapass/nova-db-ca.pem"        # TLS to the database: required outside dev mode
+//! # insecure_plaintext = true                      # ...unless waived (a protected path only)
 //! timeout_ms = 2000
 //! ```
 
@@ -22,6 +24,9 @@ pub struct NovaLookupSettings {
     pub url: SecretString,
     /// How long one lookup may take; past it the instance counts as not registered yet.
     pub timeout: Duration,
+    /// The CA the database server's certificate must chain to (TLS); `None`: plaintext, only in
+    /// dev mode or with `insecure_plaintext`.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -31,6 +36,9 @@ pub(super) struct RawNovaLookup {
     password_file: Option<PathBuf>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_plaintext: bool,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -64,12 +72,30 @@ impl RawNovaLookup {
         if !(100..=30_000).contains(&self.timeout_ms) {
             return Err(err(path, "[nova_lookup] timeout_ms must be 100 to 30000"));
         }
-        warnings.push(
-            "[nova_lookup]: this build connects to Nova's database without TLS; keep it on a protected network and give metapass a read-only account".into(),
-        );
+        let ca_file = self.ca_file.map(|f| under(base, &f));
+        if let Some(ca) = &ca_file
+            && !ca.is_file()
+        {
+            return Err(err(
+                path,
+                format!("[nova_lookup] ca_file {} is not a file", ca.display()),
+            ));
+        }
+        if ca_file.is_none() {
+            if !(dev_mode || self.insecure_plaintext) {
+                return Err(err(
+                    path,
+                    "[nova_lookup] needs TLS to Nova's database outside dev mode: set ca_file (the CA of the database server's certificate), or insecure_plaintext = true on a protected network",
+                ));
+            }
+            warnings.push(
+                "[nova_lookup]: Nova's database is reached without TLS; keep it on a protected network and give metapass a read-only account".into(),
+            );
+        }
         Ok(NovaLookupSettings {
             url: SecretString::from(url.to_string()),
             timeout: Duration::from_millis(self.timeout_ms),
+            ca_file,
         })
     }
 }

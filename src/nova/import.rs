@@ -71,12 +71,23 @@ pub struct NovaDatabase {
 }
 
 impl NovaDatabase {
-    /// Connects to `url` (`mysql://user:password@host:3306/nova`).
-    pub fn new(url: &str) -> Result<Self, String> {
+    /// Connects to `url` (`mysql://user:password@host:3306/nova`), over TLS verified against
+    /// `ca_file` when one is given (a server that does not offer TLS is then refused, never used
+    /// in plaintext). Whether plaintext is acceptable is the caller's decision (dev mode or an
+    /// explicit waiver).
+    pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, String> {
         let opts = mysql_async::Opts::from_url(url)
             .map_err(|_| "--db is not a MySQL URL (mysql://user@host:3306/nova)".to_owned())?;
+        let mut builder = mysql_async::OptsBuilder::from_opts(opts);
+        if let Some(ca) = ca_file {
+            builder = builder.ssl_opts(
+                mysql_async::SslOpts::default()
+                    .with_root_certs(vec![ca.to_path_buf().into()])
+                    .with_disable_built_in_roots(true),
+            );
+        }
         Ok(Self {
-            pool: mysql_async::Pool::new(opts),
+            pool: mysql_async::Pool::new(builder),
         })
     }
 

@@ -39,7 +39,7 @@ impl NovaLookup {
     pub fn new(settings: &NovaLookupSettings) -> Result<Self, String> {
         use secrecy::ExposeSecret;
         Ok(Self {
-            db: NovaDatabase::new(settings.url.expose_secret())
+            db: NovaDatabase::new(settings.url.expose_secret(), settings.ca_file.as_deref())
                 .map_err(|_| "[nova_lookup] url is not a MySQL URL".to_owned())?,
             timeout: settings.timeout,
         })
