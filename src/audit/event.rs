@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use crate::ids::RequestId;
 
 /// The OCSF schema version the events follow.
-pub const OCSF_VERSION: &str = "1.3.0";
+pub const OCSF_VERSION: &str = "1.4.0";
 /// metapass's own version of the event layout (the `unmapped.schema` field).
 pub const SCHEMA: &str = "metapass.audit/1";
 /// Attacker-controlled text (paths, claimed ids, user agents) is cut to this many bytes.
@@ -506,7 +506,8 @@ struct Event<'a> {
     api: Api<'a>,
     cloud: Cloud,
     src_endpoint: Endpoint,
-    http_request: HttpRequest<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_request: Option<HttpRequest<'a>>,
     http_response: HttpResponse,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     resources: Vec<Resource<'a>>,
@@ -515,6 +516,9 @@ struct Event<'a> {
 
 #[derive(Serialize)]
 struct Actor<'a> {
+    /// metapass itself, for system events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app_name: Option<&'static str>,
     user: User<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     authorizations: Vec<Authorization<'a>>,
@@ -593,7 +597,12 @@ struct Cloud {
 
 #[derive(Serialize)]
 struct Endpoint {
-    ip: IpAddr,
+    /// The client address; none for a system event (it has no peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ip: Option<IpAddr>,
+    /// This host, for a system event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hostname: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -602,7 +611,10 @@ struct Endpoint {
 
 #[derive(Serialize)]
 struct HttpRequest<'a> {
-    http_method: &'a str,
+    /// One of the methods OCSF enumerates; another method (or none, for a request that did
+    /// not parse) is left out here and kept as received in `unmapped.http_method`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_method: Option<&'a str>,
     url: Url<'a>,
     version: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -682,6 +694,9 @@ struct Unmapped<'a> {
     aggregated_request_ids: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint: Option<&'a Checkpoint>,
+    /// A request method OCSF does not enumerate, as received (cut).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http_method: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -720,6 +735,25 @@ fn user_type(kind: CallerKind) -> (u8, &'static str) {
     }
 }
 
+/// The method as OCSF 1.4.0's `http_method` enumerates it, if it is one of those.
+fn ocsf_method(method: &str) -> Option<&str> {
+    const METHODS: [&str; 8] = [
+        "CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT", "TRACE",
+    ];
+    METHODS.contains(&method).then_some(method)
+}
+
+/// This host's name (for system events' `src_endpoint`), read once.
+fn host_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -735,6 +769,7 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
     };
     let (type_id, type_name) = user_type(facts.caller.kind);
     let caller = &facts.caller;
+    let system = caller.kind == CallerKind::System;
     // Refused before anyone was authenticated: the client chose the text and the rate.
     let small = caller.kind == CallerKind::Anonymous && facts.reason != Reason::Ok;
     let uid = caller
@@ -795,11 +830,17 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
         status_detail: reason_str(facts.reason),
         message,
         actor: Actor {
+            app_name: system.then_some(crate::PRODUCT_NAME),
             user: User {
                 type_id,
                 kind: type_name,
                 uid,
-                name: caller.name.as_deref(),
+                // OCSF's user needs a uid, a name or an account.
+                name: caller.name.as_deref().or(match caller.kind {
+                    CallerKind::System => Some(crate::PRODUCT_NAME),
+                    _ if uid.is_none() && caller.project_id.is_none() => Some("anonymous"),
+                    _ => None,
+                }),
                 credential_uid: caller.credential_fingerprint.as_deref(),
                 account: caller.project_id.as_deref().map(project_account),
             },
@@ -828,21 +869,27 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
             }
             intermediate_ips.extend(facts.proxied_by.map(|p| p.ip()));
             Endpoint {
-                ip: facts.client,
+                ip: (!system).then_some(facts.client),
+                hostname: system.then(host_name),
                 // A system event has no peer: its placeholder port 0 is left out.
                 port: (direct && facts.peer.port() != 0).then_some(facts.peer.port()),
                 intermediate_ips,
             }
         },
-        http_request: HttpRequest {
-            http_method: &facts.method,
+        // metapass's own actions are no HTTP request.
+        http_request: (!system).then(|| HttpRequest {
+            http_method: ocsf_method(&facts.method),
             url: Url {
                 path: if small {
                     cut(&facts.path, MAX_ANONYMOUS_TEXT)
                 } else {
                     &facts.path
                 },
-                scheme: "https",
+                scheme: if facts.tls_version.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
             },
             version: facts.http_version,
             user_agent: facts.user_agent.as_deref().map(|ua| {
@@ -853,7 +900,7 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
                 }
             }),
             x_forwarded_for: &facts.forwarded_for,
-        },
+        }),
         http_response: HttpResponse {
             code: status,
             latency: millis(latency),
@@ -886,6 +933,10 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
             aggregated_count: facts.aggregate.as_ref().map(|a| a.count),
             aggregated_request_ids: facts.aggregate.as_ref().map(|a| a.request_ids.as_slice()),
             checkpoint: facts.checkpoint.as_ref(),
+            http_method: (!system
+                && !facts.method.is_empty()
+                && ocsf_method(&facts.method).is_none())
+            .then_some(facts.method.as_str()),
         },
     };
     let metadata = Metadata {
