@@ -115,9 +115,9 @@ async fn a_real_runs_events_validate_against_the_pinned_schema() {
         assert!(
             errors.is_empty(),
             "event {} does not match the schema: {errors:?}\n{event:#}",
-            event["seq"]
+            event["metadata"]["sequence"]
         );
-        assert_eq!(event["seq"], event["metadata"]["sequence"]);
+        assert!(event.get("seq").is_none() && event.get("mac").is_none());
     }
     // Every operation and outcome class appeared.
     for outcome in ["success", "denied", "failure"] {
@@ -168,21 +168,24 @@ async fn rotation_continues_the_chain_across_files() {
         let first = &lines[0];
         let name = file.file_name().unwrap().to_str().unwrap();
         assert!(
-            name.starts_with(&format!("audit-{:020}-", first["seq"].as_u64().unwrap())),
+            name.starts_with(&format!(
+                "audit-{:020}-",
+                first["metadata"]["sequence"].as_u64().unwrap()
+            )),
             "{name}"
         );
         if let Some(last) = &last {
             assert_eq!(
-                first["seq"].as_u64().unwrap(),
-                last["seq"].as_u64().unwrap() + 1
+                first["metadata"]["sequence"].as_u64().unwrap(),
+                last["metadata"]["sequence"].as_u64().unwrap() + 1
             );
             assert_eq!(
-                first["prev"], last["mac"],
+                first["unmapped"]["chain_prev"], last["unmapped"]["chain_mac"],
                 "{name} continues the previous file's chain"
             );
         } else {
-            assert_eq!(first["seq"], 1);
-            assert_eq!(first["prev"], "0".repeat(64));
+            assert_eq!(first["metadata"]["sequence"], 1);
+            assert_eq!(first["unmapped"]["chain_prev"], "0".repeat(64));
         }
         last = Some(lines.last().unwrap().clone());
     }
@@ -233,7 +236,7 @@ fn edit_lines(file: &Path, edit: impl FnOnce(&mut Vec<String>)) {
 }
 
 fn seq_of(line: &str) -> u64 {
-    serde_json::from_str::<Value>(line).unwrap()["seq"]
+    serde_json::from_str::<Value>(line).unwrap()["metadata"]["sequence"]
         .as_u64()
         .unwrap()
 }
@@ -1109,4 +1112,129 @@ async fn the_public_key_alone_verifies_the_signed_checkpoints() {
     // The chain key's verification is unchanged by the checkpoints among the events.
     let (ok, out) = daemon.verify_audit();
     assert!(ok, "{out}");
+}
+
+/// The real OCSF schema files at the version events declare: `METAPASS_OCSF_SCHEMA`, or
+/// `../shared/ocsf-schema/<version>` beside the repository. `None` (SKIPPED) without them.
+fn ocsf_schema_dir() -> Option<PathBuf> {
+    let version = metapass::audit::event::OCSF_VERSION;
+    let dir = std::env::var_os("METAPASS_OCSF_SCHEMA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/ocsf-schema").join(version));
+    if dir.join("dictionary.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: the OCSF {version} schema files are not at {} (set METAPASS_OCSF_SCHEMA to a checkout of ocsf/ocsf-schema at tag {version})",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// Every kind of event a run produces (each operation and refusal of the mixed traffic, the
+/// unparsable request, the startup keyring load, signed checkpoints, the incident of a lost live
+/// file) validates against the real OCSF schema files of the version it declares: no unknown
+/// attribute, every value of its type and in its enum, every requirement and constraint met.
+#[tokio::test]
+async fn every_event_validates_against_the_real_ocsf_schema() {
+    let Some(schema) = ocsf_schema_dir() else {
+        return;
+    };
+    let mut daemon = Daemon::start();
+    let client = daemon.client();
+    mixed_traffic(&client).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    client.get("/healthz", &[]).await; // a checkpoint is due
+    let live = metapass::audit::review::files_of(&daemon.audit_dir()).unwrap();
+    let kept = tempfile::tempdir().unwrap();
+    let mut copies = Vec::new();
+    for file in &live {
+        let copy = kept.path().join(file.file_name().unwrap());
+        std::fs::copy(file, &copy).unwrap();
+        copies.push(copy);
+    }
+    std::fs::remove_file(live.last().unwrap()).unwrap();
+    client.get("/healthz", &[]).await; // refused: the file is gone
+    client.get("/healthz", &[]).await; // the new file opens with the incident
+    assert!(daemon.terminate());
+    let mut files = copies;
+    files.extend(metapass::audit::review::files_of(&daemon.audit_dir()).unwrap());
+    let operations: std::collections::BTreeSet<String> = files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .map(|l| {
+            serde_json::from_str::<Value>(&l).unwrap()["api"]["operation"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for expected in [
+        "audit:file_lost",
+        "audit:checkpoint",
+        "http:unparsed",
+        "password:set",
+    ] {
+        assert!(
+            operations.contains(expected),
+            "{expected} not in {operations:?}"
+        );
+    }
+    let out = Command::new("python3")
+        .arg(repo().join("tests/ocsf/validate_ocsf.py"))
+        .arg(&schema)
+        .args(&files)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(": 0 problems"), "{stdout}");
+    // The validator is no rubber stamp: metapass's former top-level chain fields, an unknown
+    // enum value and a user without uid, name or account are each refused.
+    let bad = kept.path().join("bad.jsonl");
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&files[0])
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let mut lines = Vec::new();
+    for edit in [
+        |e: &mut Value| e["seq"] = Value::from(1),
+        |e: &mut Value| e["severity_id"] = Value::from(42),
+        |e: &mut Value| e["actor"]["user"] = serde_json::json!({"type_id": 0, "type": "Unknown"}),
+    ] {
+        let mut e = first.clone();
+        edit(&mut e);
+        lines.push(e.to_string());
+    }
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let out = Command::new("python3")
+        .arg(repo().join("tests/ocsf/validate_ocsf.py"))
+        .arg(&schema)
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    for problem in [
+        "unknown attribute 'seq'",
+        "severity_id: value 42",
+        "at_least_one",
+    ] {
+        assert!(stdout.contains(problem), "{problem}: {stdout}");
+    }
 }

@@ -3,13 +3,17 @@
 //! A sealed audit line is
 //!
 //! ```text
-//! {<event members>,"metadata":{<metadata members>,"sequence":N},"seq":N,"prev":"<64 hex>","mac":"<64 hex>"}
+//! {<event members>,"metadata":{<metadata members>,"sequence":N},"unmapped":{<unmapped members>,"chain_prev":"<64 hex>","chain_mac":"<64 hex>"}}
 //! ```
 //!
-//! where `mac` = HMAC-SHA256(chain key, every byte of the line before `,"mac":`) and `prev` is the
-//! `mac` of the line with sequence `N - 1` (64 zeros for the first line ever written). Editing,
-//! deleting, inserting or reordering a line breaks the MAC or the link, and only the holder of the
-//! audit key can forge a line.
+//! where `chain_mac` = HMAC-SHA256(chain key, every byte of the line before `,"chain_mac":`) and
+//! `chain_prev` is the `chain_mac` of the line with sequence `N - 1` (64 zeros for the first line
+//! ever written). Editing, deleting, inserting or reordering a line breaks the MAC or the link, and
+//! only the holder of the audit key can forge a line. The chain fields sit in `unmapped`, where
+//! OCSF allows a producer's own attributes, and the sequence number in OCSF's `metadata.sequence`.
+//!
+//! Lines written before that layout (format 1: top-level `"seq":N,"prev":"…","mac":"…"` after
+//! `metadata`) still verify, so that old logs keep verifying.
 //!
 //! The chain key and the fingerprint key are derived from one audit secret with HKDF-SHA256 under
 //! different labels, and neither is a data key: audit readers never need a key that opens passwords.
@@ -28,9 +32,12 @@ pub const MIN_SECRET_LEN: usize = 32;
 pub const FINGERPRINT_PREFIX: &str = "hmac-sha256:";
 
 const MAC_HEX_LEN: usize = 64;
-const MAC_SUFFIX_OPEN: &[u8] = b",\"mac\":\"";
-/// Length of `,"mac":"<64 hex>"}`.
-const MAC_SUFFIX_LEN: usize = MAC_SUFFIX_OPEN.len() + MAC_HEX_LEN + 2;
+const MAC_SUFFIX_OPEN: &[u8] = b",\"chain_mac\":\"";
+/// Length of `,"chain_mac":"<64 hex>"}}`.
+const MAC_SUFFIX_LEN: usize = MAC_SUFFIX_OPEN.len() + MAC_HEX_LEN + 3;
+const V1_MAC_SUFFIX_OPEN: &[u8] = b",\"mac\":\"";
+/// Length of format 1's `,"mac":"<64 hex>"}`.
+const V1_MAC_SUFFIX_LEN: usize = V1_MAC_SUFFIX_OPEN.len() + MAC_HEX_LEN + 2;
 const HKDF_SALT: &[u8] = b"metapass.audit.v1";
 
 /// Why an audit secret is unusable.
@@ -129,17 +136,27 @@ impl AuditKeys {
     }
 
     /// Appends to `out` the sealed line for `open` (an open event line, see
-    /// [`super::event::encode`]) at sequence `seq` after `prev`, and returns the new line's MAC.
+    /// [`super::event::open_line`]) at sequence `seq` after `prev`, and returns the new line's MAC.
     pub fn seal_line(&self, open: &[u8], seq: u64, prev: &str, out: &mut Vec<u8>) -> String {
         let start = out.len();
-        out.extend_from_slice(open);
-        out.extend_from_slice(
-            format!(",\"sequence\":{seq}}},\"seq\":{seq},\"prev\":\"{prev}\"").as_bytes(),
-        );
+        let (head, unmapped) = match open
+            .iter()
+            .rposition(|&b| b == super::event::UNMAPPED_SEPARATOR)
+        {
+            Some(at) => (&open[..at], &open[at + 1..]),
+            None => (open, &b"{"[..]),
+        };
+        out.extend_from_slice(head);
+        out.extend_from_slice(format!(",\"sequence\":{seq}}},\"unmapped\":").as_bytes());
+        out.extend_from_slice(unmapped);
+        if unmapped.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(format!("\"chain_prev\":\"{prev}\"").as_bytes());
         let mac = hex::encode(hmac::sign(&self.chain, &out[start..]).as_ref());
         out.extend_from_slice(MAC_SUFFIX_OPEN);
         out.extend_from_slice(mac.as_bytes());
-        out.extend_from_slice(b"\"}\n");
+        out.extend_from_slice(b"\"}}\n");
         mac
     }
 
@@ -147,24 +164,34 @@ impl AuditKeys {
     /// chain fields. Returns the line's chain fields.
     pub fn check_line(&self, line: &[u8]) -> Result<ChainFields, LineError> {
         let head: LineHead = serde_json::from_slice(line).map_err(|_| LineError::Malformed)?;
-        if line.len() < MAC_SUFFIX_LEN || !is_mac_hex(&head.mac) || !is_mac_hex(&head.prev) {
+        let seq = head.metadata.sequence;
+        let (prev, mac, suffix_open, suffix_len, close): (String, String, &[u8], usize, &[u8]) =
+            match (
+                head.unmapped.and_then(|u| u.chain_prev.zip(u.chain_mac)),
+                head.mac,
+            ) {
+                (Some((prev, mac)), None) => (prev, mac, MAC_SUFFIX_OPEN, MAC_SUFFIX_LEN, b"\"}}"),
+                (None, Some(mac)) => {
+                    // Format 1: the chain fields at the top level.
+                    if head.seq != Some(seq) {
+                        return Err(LineError::Malformed);
+                    }
+                    let prev = head.prev.ok_or(LineError::Malformed)?;
+                    (prev, mac, V1_MAC_SUFFIX_OPEN, V1_MAC_SUFFIX_LEN, b"\"}")
+                }
+                _ => return Err(LineError::Malformed),
+            };
+        if line.len() < suffix_len || !is_mac_hex(&mac) || !is_mac_hex(&prev) {
             return Err(LineError::Malformed);
         }
-        let (prefix, suffix) = line.split_at(line.len() - MAC_SUFFIX_LEN);
-        let expected_suffix = [MAC_SUFFIX_OPEN, head.mac.as_bytes(), b"\"}"].concat();
+        let (prefix, suffix) = line.split_at(line.len() - suffix_len);
+        let expected_suffix = [suffix_open, mac.as_bytes(), close].concat();
         if suffix != expected_suffix.as_slice() {
             return Err(LineError::Malformed);
         }
-        let tag = hex::decode(&head.mac).map_err(|_| LineError::Malformed)?;
-        hmac::verify(&self.chain, prefix, &tag).map_err(|_| LineError::BadMac { seq: head.seq })?;
-        if head.metadata.sequence != head.seq {
-            return Err(LineError::Malformed);
-        }
-        Ok(ChainFields {
-            seq: head.seq,
-            prev: head.prev,
-            mac: head.mac,
-        })
+        let tag = hex::decode(&mac).map_err(|_| LineError::Malformed)?;
+        hmac::verify(&self.chain, prefix, &tag).map_err(|_| LineError::BadMac { seq })?;
+        Ok(ChainFields { seq, prev, mac })
     }
 }
 
@@ -201,10 +228,24 @@ pub enum LineError {
 
 #[derive(Deserialize)]
 struct LineHead {
-    seq: u64,
-    prev: String,
-    mac: String,
     metadata: MetaHead,
+    #[serde(default)]
+    unmapped: Option<UnmappedHead>,
+    // Format 1.
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    prev: Option<String>,
+    #[serde(default)]
+    mac: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UnmappedHead {
+    #[serde(default)]
+    chain_prev: Option<String>,
+    #[serde(default)]
+    chain_mac: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -313,11 +354,35 @@ mod tests {
         ] {
             assert_eq!(keys.fingerprint(value), format!("hmac-sha256:{expected}"));
         }
+        // Format 2 (the chain fields in unmapped).
         let mut out = Vec::new();
-        let mac = keys.seal_line(br#"{"x":1,"metadata":{"uid":"req-0""#, 1, GENESIS, &mut out);
+        let open = [
+            &br#"{"x":1,"metadata":{"uid":"req-0""#[..],
+            &[crate::audit::event::UNMAPPED_SEPARATOR],
+            br#"{"schema":"s""#,
+        ]
+        .concat();
+        let mac = keys.seal_line(&open, 1, GENESIS, &mut out);
         assert_eq!(
             mac,
-            "20eaf330a483a6189887b546f35fca38f6d9fb956bae9807dd8c8cad22c2b77e"
+            "f2d23883a1ceecae0ca275d6ac13c41e93f69a9edf0b5e69a49b4f433e9665e8"
+        );
+        assert_eq!(
+            out,
+            format!(
+                "{{\"x\":1,\"metadata\":{{\"uid\":\"req-0\",\"sequence\":1}},\"unmapped\":{{\"schema\":\"s\",\"chain_prev\":\"{GENESIS}\",\"chain_mac\":\"{mac}\"}}}}\n"
+            )
+            .into_bytes()
+        );
+        // Format 1 lines, as metapass wrote them before, still verify.
+        let v1 = format!(
+            "{{\"x\":1,\"metadata\":{{\"uid\":\"req-0\",\"sequence\":1}},\"seq\":1,\"prev\":\"{GENESIS}\",\"mac\":\"20eaf330a483a6189887b546f35fca38f6d9fb956bae9807dd8c8cad22c2b77e\"}}"
+        );
+        let fields = keys.check_line(v1.as_bytes()).unwrap();
+        assert_eq!(fields.seq, 1);
+        assert_eq!(
+            keys.check_line(v1.replace("\"x\":1", "\"x\":2").as_bytes()),
+            Err(LineError::BadMac { seq: 1 })
         );
     }
 }

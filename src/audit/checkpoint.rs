@@ -79,9 +79,14 @@ impl Segment {
 /// What a line says of itself, read without any key.
 #[derive(Deserialize)]
 struct PublicLine {
-    seq: u64,
+    metadata: PublicMetadata,
     #[serde(default)]
     unmapped: Option<PublicUnmapped>,
+}
+
+#[derive(Deserialize)]
+struct PublicMetadata {
+    sequence: u64,
 }
 
 #[derive(Deserialize)]
@@ -140,7 +145,7 @@ pub fn recover_segment(files: &[PathBuf]) -> std::io::Result<Segment> {
 fn add_parsed(segment: &mut Segment, line: &[u8]) {
     let body = line.strip_suffix(b"\n").unwrap_or(line);
     if let Ok(parsed) = serde_json::from_slice::<PublicLine>(body) {
-        segment.add(parsed.seq, line);
+        segment.add(parsed.metadata.sequence, line);
     }
 }
 
@@ -203,12 +208,12 @@ pub fn verify_public(public: &[u8], files: &[PathBuf]) -> std::io::Result<Public
                 return Ok(report);
             };
             if let Some(last) = report.last_seq
-                && parsed.seq != last + 1
+                && parsed.metadata.sequence != last + 1
             {
                 report.problem = Some(format!(
                     "{}: sequence {} where {} was expected (a line deleted, inserted or reordered, or a file missing)",
                     at(),
-                    parsed.seq,
+                    parsed.metadata.sequence,
                     last + 1
                 ));
                 return Ok(report);
@@ -227,31 +232,31 @@ pub fn verify_public(public: &[u8], files: &[PathBuf]) -> std::io::Result<Public
                     Ok(true) => {
                         report.checkpoints += 1;
                         report.sealed_through = Some(range.through_sequence);
-                        report.last_checkpoint = Some(parsed.seq);
+                        report.last_checkpoint = Some(parsed.metadata.sequence);
                     }
                     Ok(false) => report.warnings.push(format!(
                         "{}: the checkpoint at sequence {} covers from sequence {}, before the lines given; sealing starts after it",
                         at(),
-                        parsed.seq,
+                        parsed.metadata.sequence,
                         range.from_sequence
                     )),
                     Err(why) => {
                         report.problem = Some(format!(
                             "{}: checkpoint at sequence {}: {why}",
                             at(),
-                            parsed.seq
+                            parsed.metadata.sequence
                         ));
                         return Ok(report);
                     }
                 }
                 let mut next = Segment::default();
-                next.add(parsed.seq, line);
-                since_checkpoint = Some((parsed.seq, next));
+                next.add(parsed.metadata.sequence, line);
+                since_checkpoint = Some((parsed.metadata.sequence, next));
             } else if let Some((_, segment)) = since_checkpoint.as_mut() {
-                segment.add(parsed.seq, line);
+                segment.add(parsed.metadata.sequence, line);
             }
-            since_start.add(parsed.seq, line);
-            report.last_seq = Some(parsed.seq);
+            since_start.add(parsed.metadata.sequence, line);
+            report.last_seq = Some(parsed.metadata.sequence);
         }
     }
     if report.lines == 0 {

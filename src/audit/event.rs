@@ -511,7 +511,6 @@ struct Event<'a> {
     http_response: HttpResponse,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     resources: Vec<Resource<'a>>,
-    unmapped: Unmapped<'a>,
 }
 
 #[derive(Serialize)]
@@ -906,38 +905,36 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
             latency: millis(latency),
         },
         resources,
-        unmapped: Unmapped {
-            schema: SCHEMA,
-            outcome,
-            reason: facts.reason,
-            surface: facts.surface,
-            caller_kind: caller.kind,
-            auth: caller.auth,
-            roles: &caller.roles,
-            policy_rule: facts.decision.as_ref().map(|d| d.rule.as_str()),
-            claimed_instance: caller.claimed_instance.as_deref(),
-            claimed_tenant: caller.claimed_tenant.as_deref(),
-            forwarded: facts.forwarded,
-            forwarded_for_raw: facts.forwarded_for_raw.as_deref(),
-            listener: &facts.listener,
-            client_certificate: facts.client_certificate.as_deref(),
-            tls_version: facts.tls_version,
-            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
-            body_bytes: facts.body_bytes,
-            secret_fingerprint: facts.secret_fingerprint.as_deref(),
-            record_version: facts.record_version,
-            corrects_earlier_event: facts.corrects_earlier_event,
-            key_id: facts.key_id,
-            previous_key_id: facts.previous_key_id,
-            key_ids: &facts.key_ids,
-            aggregated_count: facts.aggregate.as_ref().map(|a| a.count),
-            aggregated_request_ids: facts.aggregate.as_ref().map(|a| a.request_ids.as_slice()),
-            checkpoint: facts.checkpoint.as_ref(),
-            http_method: (!system
-                && !facts.method.is_empty()
-                && ocsf_method(&facts.method).is_none())
+    };
+    let unmapped = Unmapped {
+        schema: SCHEMA,
+        outcome,
+        reason: facts.reason,
+        surface: facts.surface,
+        caller_kind: caller.kind,
+        auth: caller.auth,
+        roles: &caller.roles,
+        policy_rule: facts.decision.as_ref().map(|d| d.rule.as_str()),
+        claimed_instance: caller.claimed_instance.as_deref(),
+        claimed_tenant: caller.claimed_tenant.as_deref(),
+        forwarded: facts.forwarded,
+        forwarded_for_raw: facts.forwarded_for_raw.as_deref(),
+        listener: &facts.listener,
+        client_certificate: facts.client_certificate.as_deref(),
+        tls_version: facts.tls_version,
+        latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+        body_bytes: facts.body_bytes,
+        secret_fingerprint: facts.secret_fingerprint.as_deref(),
+        record_version: facts.record_version,
+        corrects_earlier_event: facts.corrects_earlier_event,
+        key_id: facts.key_id,
+        previous_key_id: facts.previous_key_id,
+        key_ids: &facts.key_ids,
+        aggregated_count: facts.aggregate.as_ref().map(|a| a.count),
+        aggregated_request_ids: facts.aggregate.as_ref().map(|a| a.request_ids.as_slice()),
+        checkpoint: facts.checkpoint.as_ref(),
+        http_method: (!system && !facts.method.is_empty() && ocsf_method(&facts.method).is_none())
             .then_some(facts.method.as_str()),
-        },
     };
     let metadata = Metadata {
         product: Product {
@@ -950,19 +947,33 @@ pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
         log_name: "audit",
         profiles: ["cloud", "datetime"],
     };
-    open_line(&event, &metadata)
+    open_line(&event, &metadata, &unmapped)
 }
 
-/// Serializes `event` with `metadata` appended as its last member, leaving both objects open:
-/// `{...event members...,"metadata":{...metadata members...`.
-pub(crate) fn open_line(event: &impl Serialize, metadata: &impl Serialize) -> Vec<u8> {
+/// The byte between an open line's head and its `unmapped` members (see [`open_line`]). JSON
+/// text never holds it raw: serde escapes control characters inside strings.
+pub(crate) const UNMAPPED_SEPARATOR: u8 = 0x1e;
+
+/// An open event line for the writer: `{...event members...,"metadata":{...metadata members...`,
+/// then [`UNMAPPED_SEPARATOR`], then `{...unmapped members...` (both objects left open). The
+/// writer closes metadata with the sequence number and puts the chain fields last in `unmapped`
+/// (see [`super::chain`]), where OCSF allows attributes of one's own.
+pub(crate) fn open_line(
+    event: &impl Serialize,
+    metadata: &impl Serialize,
+    unmapped: &impl Serialize,
+) -> Vec<u8> {
     // Serializing plain structs of strings and numbers into a Vec cannot fail.
     let mut line = serde_json::to_vec(event).expect("event serializes");
     let meta = serde_json::to_vec(metadata).expect("metadata serializes");
+    let extra = serde_json::to_vec(unmapped).expect("unmapped serializes");
     debug_assert!(line.len() > 2 && line.ends_with(b"}") && meta.len() > 2 && meta.ends_with(b"}"));
+    debug_assert!(extra.starts_with(b"{") && extra.ends_with(b"}"));
     line.pop();
     line.extend_from_slice(b",\"metadata\":");
     line.extend_from_slice(&meta[..meta.len() - 1]);
+    line.push(UNMAPPED_SEPARATOR);
+    line.extend_from_slice(&extra[..extra.len() - 1]);
     line
 }
 
@@ -1058,9 +1069,13 @@ mod tests {
         facts.activity = Activity::Read;
         facts.path = "/openstack/latest/password".into();
         facts.method = "GET".into();
-        let mut line = encode(&facts, 200, Duration::from_micros(1500));
-        line.extend_from_slice(b",\"sequence\":7}}");
+        let open = encode(&facts, 200, Duration::from_micros(1500));
+        let keys = crate::audit::AuditKeys::derive(&[9; 32]).unwrap();
+        let mut line = Vec::new();
+        keys.seal_line(&open, 7, crate::audit::chain::GENESIS, &mut line);
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["unmapped"]["chain_prev"], crate::audit::chain::GENESIS);
+        assert!(v.get("seq").is_none() && v.get("mac").is_none());
         assert_eq!(v["class_uid"], 6003);
         assert_eq!(v["type_uid"], 600302);
         assert_eq!(v["metadata"]["sequence"], 7);

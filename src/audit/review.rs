@@ -146,7 +146,7 @@ pub fn show(events: &[Value], filter: &Filter) -> String {
             out,
             "{:<24} {:>7} {:<8} {:>4} {:<18} {:<28} {:<9} {:<24} {}",
             time.get(..23).unwrap_or(time),
-            event["seq"].as_u64().unwrap_or(0),
+            event["metadata"]["sequence"].as_u64().unwrap_or(0),
             text(event, &["unmapped", "outcome"]),
             text(event, &["status_code"]),
             text(event, &["api", "operation"]),
@@ -211,7 +211,7 @@ mod tests {
 
     fn event(outcome: &str, instance: &str, project: &str, ip: &str, time: i64) -> Value {
         json!({
-            "time": time, "time_dt": "2026-11-23T10:00:00.000Z", "seq": 1, "status_code": "200",
+            "time": time, "time_dt": "2026-11-23T10:00:00.000Z", "metadata": {"sequence": 1}, "status_code": "200",
             "api": {"operation": "password:get"},
             "actor": {"user": {"name": "t", "account": {"uid": project}}},
             "resources": [{"uid": instance, "owner": {"account": {"uid": project}}}],
