@@ -119,6 +119,7 @@ async fn a_source_over_its_limit_gets_503_on_the_instance_api_and_429_elsewhere(
         assert_eq!(event["unmapped"]["outcome"], "denied");
         assert_eq!(event["src_endpoint"]["ip"], "127.0.0.1");
     }
+    assert_valid_ocsf(&daemon);
 }
 
 #[tokio::test]

@@ -370,6 +370,7 @@ async fn rotation_reseals_every_password_online_and_retire_waits_for_it() {
     );
     let (ok, out) = daemon.verify_audit();
     assert!(ok, "{out}");
+    assert_valid_ocsf(&daemon);
 }
 
 #[tokio::test]

@@ -381,6 +381,7 @@ async fn import_nova_takes_over_every_live_password_once() {
     for event in &events {
         assert!(schema.is_valid(event), "{event}");
     }
+    assert_valid_ocsf(&daemon);
     for file in metapass::audit::review::files_of(&daemon.audit_dir()).unwrap() {
         let text = std::fs::read_to_string(file).unwrap();
         assert!(!text.contains("QUJDQUJD") && !text.contains("c2hvcnQtYmxvYg"));
@@ -640,6 +641,7 @@ async fn nova_notifications_keep_the_registry_true() {
     assert_eq!(sync_events(&daemon, "sync:delete").len(), 1);
     let (ok, out) = daemon.verify_audit();
     assert!(ok, "{out}");
+    assert_valid_ocsf(&daemon);
     let _ = broker
         .channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -694,6 +696,7 @@ async fn an_unknown_instance_is_registered_at_once_from_novas_database() {
     assert_eq!(rows, Some(3));
     let (ok, report) = daemon.verify_audit();
     assert!(ok, "{report}");
+    assert_valid_ocsf(&daemon);
 }
 
 #[tokio::test]

@@ -1064,3 +1064,42 @@ pub async fn fresh_postgres_schema() -> Option<(String, tokio_postgres::Client, 
     let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
     Some((url, client, schema))
 }
+
+/// The real OCSF schema files at the version events declare: `METAPASS_OCSF_SCHEMA`, or
+/// `../shared/ocsf-schema/<version>` beside the repository (scripts/test-all says which).
+pub fn ocsf_schema_dir() -> Option<PathBuf> {
+    let version = metapass::audit::event::OCSF_VERSION;
+    let dir = std::env::var_os("METAPASS_OCSF_SCHEMA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/ocsf-schema").join(version));
+    dir.join("dictionary.json").is_file().then_some(dir)
+}
+
+/// Runs tests/ocsf/validate_ocsf.py on `files`; returns (success, its report).
+pub fn validate_ocsf(schema: &Path, files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg(repo().join("tests/ocsf/validate_ocsf.py"))
+        .arg(schema)
+        .args(files)
+        .output()
+        .expect("run tests/ocsf/validate_ocsf.py");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Every event in the daemon's log validates against the real OCSF schema, when its files are
+/// available (tests/audit_log.rs reports SKIPPED when they are not).
+pub fn assert_valid_ocsf(daemon: &Daemon) {
+    let Some(schema) = ocsf_schema_dir() else {
+        return;
+    };
+    let files = metapass::audit::review::files_of(&daemon.audit_dir()).expect("audit files");
+    let (ok, report) = validate_ocsf(&schema, &files);
+    assert!(ok, "events that are not valid OCSF:\n{report}");
+}
