@@ -418,6 +418,35 @@ fn load(config: &std::path::Path, overrides: &Overrides) -> Result<Config, Strin
     Ok(config)
 }
 
+/// A tool's view of the daemon configuration: `--data-dir` may move its data, nothing listens.
+fn load_for_tool(config: &std::path::Path, data_dir: Option<PathBuf>) -> Result<Config, String> {
+    load(
+        config,
+        &Overrides {
+            listen: None,
+            data_dir,
+        },
+    )
+}
+
+/// Opens the configured store on a runtime of its own and runs `read` on it (the audit tools).
+fn read_store<T>(
+    config: &Config,
+    read: impl AsyncFnOnce(metapass::store::Backend) -> Result<T, String>,
+) -> Result<T, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async {
+        let metrics = metapass::metrics::Metrics::new();
+        let store = metapass::store::Backend::open(&config.store, metrics.store_seconds.clone())
+            .await
+            .map_err(|e| format!("opening the store: {e}"))?;
+        read(store).await
+    })
+}
+
 /// No core dumps and no same-user ptrace before a secret is read.
 fn harden() -> Result<(), String> {
     metapass::hygiene::disable_core_dumps()
@@ -588,13 +617,7 @@ fn keys_from(
 ) -> Result<(AuditKeys, Option<PathBuf>), String> {
     match (&source.config, &source.audit_key) {
         (Some(config), _) => {
-            let config = load(
-                config,
-                &Overrides {
-                    listen: None,
-                    data_dir,
-                },
-            )?;
+            let config = load_for_tool(config, data_dir)?;
             Ok((audit_keys(&config)?, Some(config.audit.dir.clone())))
         }
         (None, Some(file)) => {
@@ -611,13 +634,7 @@ fn keys_from(
 fn reconcile(config_path: &std::path::Path, data_dir: Option<PathBuf>) -> Result<ExitCode, String> {
     use metapass::audit::{anchor, reconcile};
     use metapass::store::Store;
-    let config = load(
-        config_path,
-        &Overrides {
-            listen: None,
-            data_dir: data_dir.clone(),
-        },
-    )?;
+    let config = load_for_tool(config_path, data_dir.clone())?;
     let keys = audit_keys(&config)?;
     let dir = config.audit.dir.clone();
     let report = verify::verify_dir(&keys, &dir, verify::Start::Genesis)
@@ -641,15 +658,7 @@ fn reconcile(config_path: &std::path::Path, data_dir: Option<PathBuf>) -> Result
     let (events, _) =
         review::read_events(&files).map_err(|e| format!("reading the audit log: {e}"))?;
     let expected = reconcile::replay(&events);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
-    let rows = runtime.block_on(async {
-        let metrics = metapass::metrics::Metrics::new();
-        let store = metapass::store::Backend::open(&config.store, metrics.store_seconds.clone())
-            .await
-            .map_err(|e| format!("opening the store: {e}"))?;
+    let rows = read_store(&config, async |store| {
         store
             .inventory()
             .await
@@ -726,13 +735,7 @@ fn stored_anchor(
     data_dir: Option<PathBuf>,
 ) -> Result<Option<metapass::store::AuditAnchor>, String> {
     use metapass::store::Store;
-    let config = load(
-        config,
-        &Overrides {
-            listen: None,
-            data_dir,
-        },
-    )?;
+    let config = load_for_tool(config, data_dir)?;
     if let metapass::config::StoreConfig::Sqlite { path } = &config.store
         && !path.exists()
     {
@@ -740,15 +743,7 @@ fn stored_anchor(
     }
     let writer =
         metapass::audit::writer::writer_id(config.audit.writer_id.as_deref(), &config.audit.dir);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
-    runtime.block_on(async {
-        let metrics = metapass::metrics::Metrics::new();
-        let store = metapass::store::Backend::open(&config.store, metrics.store_seconds.clone())
-            .await
-            .map_err(|e| format!("opening the store for its audit anchor: {e}"))?;
+    read_store(&config, async |store| {
         store
             .audit_anchor(&writer)
             .await

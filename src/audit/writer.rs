@@ -676,6 +676,10 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                // A loss seen after the write: this batch's lines were never acknowledged.
+                if let Some(lost) = &mut self.lost {
+                    lost.last_acknowledged = lost.last_acknowledged.min(seq0);
+                }
                 self.seq = seq0;
                 self.prev = prev0;
                 self.segment = segment0;
