@@ -35,7 +35,7 @@
 //! | [`keys`] | keyring sources (file, environment, descriptor) and keyring files: generate, rotate, retire, atomic replace |
 //! | [`api::keys`] | the keyring in use: startup check, reload, key status, the background rewrap |
 //! | [`hygiene`] | process hardening before secrets are read: no core dumps, not dumpable |
-//! | [`audit`] | the OCSF event, the chained durable writer, verification |
+//! | [`audit`] | the OCSF event, the chained durable writer, signed checkpoints, the store anchor, verification, reconciliation |
 //! | [`ids`] | validated identifiers (instance, project, request) |
 //! | [`limits`] | rate limits with bounded key memory |
 //! | [`metrics`] | Prometheus metrics |

@@ -1,7 +1,7 @@
 //! Routes and handlers.
 //!
 //! Every request becomes an [`Exchange`]: the audit facts begin when it arrives, handlers add to
-//! them, and [`finish`] records exactly one event before the answer leaves. A read's event is
+//! them, and `finish` records exactly one event before the answer leaves. A read's event is
 //! written before the secret is sent; a mutation's event is made durable *inside* the store
 //! transaction, before the commit (through the store's gate, see [`Exchange::gate`]), so that no
 //! change is ever committed without its audit record.
@@ -255,7 +255,7 @@ pub struct Exchange {
     /// The compute microversion the request is served at, once known (echoed in the answer).
     pub microversion: Option<crate::microversion::Microversion>,
     /// The request brought credentials to a route that verifies them, so it paid nothing to its
-    /// source before authentication (see [`carries_credentials`]).
+    /// source before authentication (see `carries_credentials`).
     pub credentialed: bool,
     /// Refused by a rate limit before authentication: counted in an aggregate event
     /// ([`crate::audit::aggregate`]) instead of one of its own.
@@ -579,7 +579,7 @@ pub fn rate_limited(app: &App, ex: &Exchange, limited: Limited) -> ApiError {
 /// request-smuggling shapes that hyper would accept, since it checks only the last coding). hyper
 /// already refuses a last coding other than `chunked`, and resolves `Content-Length` together with
 /// `Transfer-Encoding` itself (the latter wins and the length is dropped); for that case RFC 9112
-/// asks the server to close the connection, which [`finish`] does for every request that used
+/// asks the server to close the connection, which `finish` does for every request that used
 /// `Transfer-Encoding`.
 pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
     let mut encodings = headers

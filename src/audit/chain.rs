@@ -136,7 +136,7 @@ impl AuditKeys {
     }
 
     /// Appends to `out` the sealed line for `open` (an open event line, see
-    /// [`super::event::open_line`]) at sequence `seq` after `prev`, and returns the new line's MAC.
+    /// `event::open_line`) at sequence `seq` after `prev`, and returns the new line's MAC.
     pub fn seal_line(&self, open: &[u8], seq: u64, prev: &str, out: &mut Vec<u8>) -> String {
         let start = out.len();
         let (head, unmapped) = match open
