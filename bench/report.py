@@ -94,7 +94,8 @@ w("")
 w("| run | req/s | p50 ms | p90 ms | p99 ms | non-2xx | peak RSS MiB |")
 w("|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
-    if r["name"].startswith("metapass memory") or r["name"].startswith("metapass flood"):
+    # Memory figures, not load runs: reported under "Memory".
+    if r["name"] in ("held connections",) or r["name"].startswith(("metapass memory", "metapass flood")):
         continue
     p50 = ms(r.get("p50_us")) if "p50_us" in r else f"mean {ms(r.get('mean_us'))}"
     w(f"| {r['name']} | {rps(r):,.0f} | {p50} | {ms(r.get('p90_us'))} | {ms(r.get('p99_us'))} "
