@@ -198,16 +198,14 @@ async fn rotation_continues_the_chain_across_files() {
 
 /// Runs `metapass audit verify --audit-key <dev key> FILES`; returns (exit code, stdout).
 fn verify_files(files: &[PathBuf]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
-        .args(["audit", "verify", "--audit-key"])
-        .arg(repo().join("policy/dev-audit-key.toml"))
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let mut args = vec![
+        "audit".into(),
+        "verify".into(),
+        "--audit-key".into(),
+        repo().join("policy/dev-audit-key.toml").into_os_string(),
+    ];
+    args.extend(files.iter().map(|f| f.as_os_str().to_owned()));
+    run_metapass::<std::ffi::OsString>(args)
 }
 
 /// Copies `files` into a fresh directory, applies `tamper` to the copies, and verifies them.
@@ -887,6 +885,28 @@ async fn deleting_the_live_audit_file_acknowledges_nothing_into_it_and_is_record
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+
+    // Replaced rather than deleted: the same bytes under the same name, another inode.
+    let live = metapass::audit::review::files_of(&daemon.audit_dir())
+        .unwrap()
+        .pop()
+        .unwrap();
+    let stand_in = daemon.audit_dir().join("stand-in.tmp");
+    std::fs::copy(&live, &stand_in).unwrap();
+    std::fs::rename(&stand_in, &live).unwrap();
+    client.get("/healthz", &[]).await;
+    client.get("/healthz", &[]).await;
+    let lost: Vec<Value> = daemon
+        .audit_events()
+        .into_iter()
+        .filter(|e| e["api"]["operation"] == "audit:file_lost")
+        .collect();
+    assert_eq!(lost.len(), 2, "{lost:#?}");
+    let name = live.file_name().unwrap().to_str().unwrap();
+    assert!(
+        lost[1]["message"].as_str().unwrap().contains(name),
+        "{lost:#?}"
+    );
 }
 
 /// The seq of the store's anchor (the chain head recorded with the last change).
@@ -983,16 +1003,14 @@ async fn the_store_anchors_the_chain_so_a_cut_tail_or_deleted_files_are_found() 
 
 /// Runs `metapass audit verify --public-key KEY` on `files`; returns (exit code, stdout).
 fn verify_public(key: &Path, files: &[PathBuf]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
-        .args(["audit", "verify", "--public-key"])
-        .arg(key)
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let mut args = vec![
+        "audit".into(),
+        "verify".into(),
+        "--public-key".into(),
+        key.into(),
+    ];
+    args.extend(files.iter().map(|f| f.as_os_str().to_owned()));
+    run_metapass::<std::ffi::OsString>(args)
 }
 
 /// A reviewer with only the public key (`audit public-key`) verifies the log up to its last

@@ -415,7 +415,7 @@ async fn a_refused_gate_commits_nothing(f: &Fixture) {
 /// A gate that passes and names where its audit event stands.
 fn anchoring_gate<O>(writer: &str, seq: u64) -> Gate<O> {
     let anchor = AuditAnchor {
-        writer: writer.to_owned(),
+        writer: writer.into(),
         seq,
         mac: format!("{seq:064x}"),
     };

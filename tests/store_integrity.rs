@@ -448,17 +448,14 @@ async fn a_project_edited_in_the_database_releases_nothing() {
 
 /// Runs `metapass audit reconcile` on the daemon's store and log; returns (exit code, stdout).
 fn reconcile(daemon: &Daemon) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metapass"))
-        .args(["audit", "reconcile", "--config"])
-        .arg(&daemon.config)
-        .arg("--data-dir")
-        .arg(daemon.data_dir())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    run_metapass([
+        "audit".as_ref(),
+        "reconcile".as_ref(),
+        "--config".as_ref(),
+        daemon.config.as_os_str(),
+        "--data-dir".as_ref(),
+        daemon.data_dir().as_os_str(),
+    ])
 }
 
 /// An attacker with write access to the database bends it in ways the seal cannot see: an

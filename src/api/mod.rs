@@ -338,7 +338,7 @@ fn gate_recording<O: 'static>(
         };
         let line = encode(&facts, status.as_u16(), facts.started.elapsed());
         let ticket = auditor.submit(line, Durability::Durable);
-        let writer = auditor.writer_id().to_owned();
+        let writer = auditor.shared_writer_id();
         Box::pin(async move {
             match ticket.written().await {
                 Ok(written) => Ok(written.map(|w| AuditAnchor {

@@ -268,6 +268,11 @@ impl Auditor {
         &self.writer_id
     }
 
+    /// The same name, shared (each mutation's anchor carries it).
+    pub fn shared_writer_id(&self) -> Arc<str> {
+        self.writer_id.clone()
+    }
+
     /// The last line of the log when the writer started (`None` for an empty log).
     pub fn recovered(&self) -> Option<&Written> {
         self.recovered.as_ref()

@@ -264,8 +264,8 @@ pub type GateTicket = Pin<Box<dyn Future<Output = Result<Option<AuditAnchor>, Ga
 /// the tail cut, the log replaced) is found out: at startup and by `audit verify --config`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditAnchor {
-    /// The log writer (one chain per writer).
-    pub writer: String,
+    /// The log writer (one chain per writer); shared, not copied, per mutation.
+    pub writer: std::sync::Arc<str>,
     /// The event's sequence number.
     pub seq: u64,
     /// The event's MAC.

@@ -373,7 +373,7 @@ async fn record_anchor(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(),
     let seq = to_i64(anchor.seq);
     tx.execute(
         "INSERT INTO audit_anchors (writer, seq, mac) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        &[&anchor.writer, &seq, &anchor.mac],
+        &[&&*anchor.writer, &seq, &anchor.mac],
     )
     .await
     .map_err(db_err)?;
@@ -381,7 +381,7 @@ async fn record_anchor(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(),
         let keep_from = seq - to_i64(ANCHOR_PRUNE_EVERY);
         tx.execute(
             "DELETE FROM audit_anchors WHERE writer = $1 AND seq < $2",
-            &[&anchor.writer, &keep_from],
+            &[&&*anchor.writer, &keep_from],
         )
         .await
         .map_err(db_err)?;
@@ -914,7 +914,7 @@ impl Store for PostgresStore {
             .map_err(db_err)?;
         row.map(|row| {
             Ok(AuditAnchor {
-                writer: writer.to_owned(),
+                writer: writer.into(),
                 seq: version_from(row.get(0))?,
                 mac: row.get(1),
             })

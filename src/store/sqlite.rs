@@ -477,7 +477,7 @@ fn record_anchor(conn: &Connection, anchor: &AuditAnchor) -> Result<(), StoreErr
         "INSERT INTO audit_anchor (writer, seq, mac) VALUES (?1, ?2, ?3)
          ON CONFLICT (writer) DO UPDATE SET seq = excluded.seq, mac = excluded.mac",
     )
-    .and_then(|mut stmt| stmt.execute(params![anchor.writer, to_i64(anchor.seq), anchor.mac]))
+    .and_then(|mut stmt| stmt.execute(params![&*anchor.writer, to_i64(anchor.seq), anchor.mac]))
     .map(|_| ())
     .map_err(db_err)
 }
@@ -1066,7 +1066,7 @@ impl Store for SqliteStore {
             .map_err(db_err)?
             .map(|(seq, mac)| {
                 Ok(AuditAnchor {
-                    writer: writer.clone(),
+                    writer: writer.as_str().into(),
                     seq: version_from(seq)?,
                     mac,
                 })

@@ -187,32 +187,7 @@ impl Daemon {
     /// refuse to start; returns what it printed on stderr.
     pub fn start_refused(&mut self) -> String {
         self.kill();
-        let stderr_path = self.dir.path().join("refused-start.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_metapass"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(self.data_dir())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
-            .spawn()
-            .expect("run metapass serve");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("serve did not refuse to start within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-        assert!(!status.success(), "serve exited successfully: {stderr}");
-        stderr
+        refused_serve_on(&self.config, &["--listen", "127.0.0.1:0"], &self.data_dir())
     }
 
     /// The data directory the daemon uses.
@@ -1015,12 +990,17 @@ pub fn serve_must_fail_as_configured(config: &Path) -> String {
 
 fn refused_serve(config: &Path, extra_args: &[&str]) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
+    refused_serve_on(config, extra_args, dir.path())
+}
+
+/// Like [`refused_serve`], on the data directory `data_dir`.
+fn refused_serve_on(config: &Path, extra_args: &[&str], data_dir: &Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_metapass"))
         .args(["serve", "--config"])
         .arg(config)
         .args(extra_args)
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(data_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1102,4 +1082,16 @@ pub fn assert_valid_ocsf(daemon: &Daemon) {
     let files = metapass::audit::review::files_of(&daemon.audit_dir()).expect("audit files");
     let (ok, report) = validate_ocsf(&schema, &files);
     assert!(ok, "events that are not valid OCSF:\n{report}");
+}
+
+/// Runs `metapass ARGS`; returns (exit code, stdout).
+pub fn run_metapass<S: AsRef<std::ffi::OsStr>>(args: impl IntoIterator<Item = S>) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_metapass"))
+        .args(args)
+        .output()
+        .expect("run metapass");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
