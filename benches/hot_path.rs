@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http_body_util::Full;
-use metapass::api::{self, App, ConnInfo};
+use metapass::api::{self, ConnInfo};
+use metapass::app::App;
 use metapass::audit::{Facts, SyncMode};
 use metapass::config::{Config, Overrides};
 use metapass::crypto::{Keyring, RecordBinding};
@@ -94,7 +95,7 @@ fn handler(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let app = runtime.block_on(async {
         let app = App::open(config).await.unwrap();
-        api::keys::load_at_startup(&app).await.unwrap();
+        metapass::keys::state::load_at_startup(&app).await.unwrap();
         let id = InstanceId::parse(INSTANCE).unwrap();
         let project = ProjectId::parse("project-a").unwrap();
         app.store

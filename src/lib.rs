@@ -45,6 +45,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod config;
 pub mod crypto;

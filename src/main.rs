@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
-use metapass::api::App;
+use metapass::app::App;
 use metapass::audit::{AuditKeys, Reason, review, verify};
 use metapass::config::{Config, Overrides};
 use metapass::limits;
@@ -381,7 +381,7 @@ fn import_nova(
             import::dry_run(&nova, &store, &args.options).await
         } else {
             let app = App::open(config).await?;
-            metapass::api::keys::load_at_startup(&app).await?;
+            metapass::keys::state::load_at_startup(&app).await?;
             let report = import::run(&nova, &app, &args.options).await;
             app.auditor
                 .flush()
@@ -500,8 +500,8 @@ fn serve(
         tracing::info!(store = app.store.kind(), "store open");
         let auditor = app.auditor.clone();
         // The keyring must match what the store has seen before anything is sealed or opened.
-        metapass::api::keys::load_at_startup(&app).await?;
-        tokio::spawn(metapass::api::keys::rewrap_loop(app.clone()));
+        metapass::keys::state::load_at_startup(&app).await?;
+        tokio::spawn(metapass::keys::rewrap::rewrap_loop(app.clone()));
         if let Some(settings) = notifications {
             tokio::spawn(metapass::nova::notifications::run(app.clone(), settings));
         }
@@ -549,8 +549,8 @@ fn serve(
                         )
                     }
                 };
-                metapass::api::record_system_event(&reloader, "tls:reload", reason, detail).await;
-                metapass::api::keys::reload_on_signal(&reloader).await;
+                metapass::audit::gate::record_system_event(&reloader.auditor, "tls:reload", reason, detail).await;
+                metapass::keys::state::reload_on_signal(&reloader).await;
                 notify_systemd(&[sd_notify::NotifyState::Ready]);
             }
         });

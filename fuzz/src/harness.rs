@@ -14,7 +14,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use zeroize::Zeroizing;
 
-use metapass::api::{self, App, ConnInfo};
+use metapass::api::{self, ConnInfo};
+use metapass::app::App;
 use metapass::audit::{AuditKeys, SyncMode, verify};
 use metapass::config::{Config, Overrides};
 use metapass::crypto::{Keyring, RecordBinding};
@@ -114,7 +115,9 @@ fn fixture() -> &'static Fixture {
         let app = runtime.block_on(App::open(config)).expect("app");
         runtime.block_on(async {
             // As `serve` does: the store learns the keyring's keys before anything is sealed.
-            api::keys::load_at_startup(&app).await.expect("keyring");
+            metapass::keys::state::load_at_startup(&app)
+                .await
+                .expect("keyring");
             for (id, project) in REGISTERED {
                 let (id, project) = (
                     InstanceId::parse(id).unwrap(),

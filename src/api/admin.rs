@@ -10,9 +10,12 @@ use http::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::body::read_limited;
+use super::caller::authenticate_token;
+use super::exchange::Exchange;
 use super::respond::{self, ApiError, Body};
-use super::{App, Exchange, authenticate_token, store_failure};
+use crate::app::App;
 use crate::audit::event::bounded;
+use crate::audit::gate::gated;
 use crate::audit::{Activity, Facts, Reason, Surface};
 use crate::ids::{InstanceId, ProjectId};
 use crate::policy::{Action, Principal, Target};
@@ -42,7 +45,7 @@ struct InstanceView<'a> {
 }
 
 fn not_found() -> ApiError {
-    ApiError::not_found(Reason::UnknownInstance, "Instance not found.")
+    ApiError::unknown_instance("Instance not found.")
 }
 
 /// Handles a request under `/admin/`.
@@ -62,19 +65,12 @@ pub async fn handle<B: super::RequestBody>(
         .path()
         .strip_prefix(INSTANCES_PREFIX)
         .filter(|rest| !rest.is_empty() && !rest.contains('/'))
-        .ok_or_else(|| ApiError::not_found(Reason::NotFound, "No such resource."))?;
+        .ok_or_else(ApiError::no_such_resource)?;
     let (action, activity) = match parts.method {
         Method::PUT => (Action::InstanceRegister, Activity::Create),
         Method::GET => (Action::InstanceShow, Activity::Read),
         Method::DELETE => (Action::InstanceDelete, Activity::Delete),
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                Reason::MethodNotAllowed,
-                "Only GET, PUT and DELETE are supported here.",
-            )
-            .with_allow("GET, PUT, DELETE"));
-        }
+        _ => return Err(ApiError::wrong_method(Surface::Admin, "GET, PUT, DELETE")),
     };
     ex.facts.operation = action.as_str();
     ex.facts.activity = activity;
@@ -83,11 +79,7 @@ pub async fn handle<B: super::RequestBody>(
     let id = InstanceId::parse(id_text)
         .map_err(|e| ApiError::bad_request(Reason::BadRequest, e.to_string()))?;
 
-    let existing = app
-        .store
-        .instance(&id)
-        .await
-        .map_err(|e| store_failure(&e))?;
+    let existing = app.store.instance(&id).await?;
     ex.facts.target_project = existing.as_ref().map(|r| r.project_id.clone());
     let principal = Principal::Token {
         project: token.project.as_str(),
@@ -114,10 +106,10 @@ pub async fn handle<B: super::RequestBody>(
         }
         _ => {
             existing.ok_or_else(not_found)?;
-            let (gate, invoked) = ex.gate(app, answer_delete);
-            let result = app.store.delete_instance(&id, gate).await;
-            ex.settle_gate(&invoked, &result);
-            let outcome = result.map_err(|e| store_failure(&e))?;
+            let outcome = gated(ex, &app.auditor, answer_delete, |gate| {
+                app.store.delete_instance(&id, gate)
+            })
+            .await?;
             Ok(respond::empty(answer_delete(&outcome, &mut ex.facts)?))
         }
     }
@@ -132,14 +124,10 @@ pub(crate) fn answer_register(
     match outcome {
         RegisterOutcome::Created => Ok(StatusCode::CREATED),
         RegisterOutcome::Unchanged => Ok(StatusCode::OK),
-        RegisterOutcome::OwnedByOther => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            Reason::Conflict,
+        RegisterOutcome::OwnedByOther => Err(ApiError::conflict(
             "The instance is registered to another project.",
         )),
-        RegisterOutcome::DeletedFromOther => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            Reason::Conflict,
+        RegisterOutcome::DeletedFromOther => Err(ApiError::conflict(
             "This instance id was deleted from another project; an operator may register it again with \"replace_deleted\": true.",
         )),
     }
@@ -161,14 +149,9 @@ async fn register<B: super::RequestBody>(
     let deadline = ex
         .deadline
         .min(Instant::now() + app.limits.body_read_timeout());
-    let body = read_limited(body, MAX_REGISTER_BODY, deadline).await.map_err(|e| {
-        ex.facts.body_bytes = e.bytes_read();
-        ApiError::bad_request(
-            Reason::BodyInvalid,
-            format!("The body must be JSON {{\"project_id\": \"...\"}} of at most {MAX_REGISTER_BODY} bytes, received in time."),
-        )
-        .closing()
-    })?;
+    let body = read_limited(body, MAX_REGISTER_BODY, deadline)
+        .await
+        .inspect_err(|e| ex.facts.body_bytes = e.bytes_read())?;
     ex.facts.body_bytes = body.len();
     let invalid = |detail: String| {
         ApiError::bad_request(
@@ -185,15 +168,15 @@ async fn register<B: super::RequestBody>(
     let project = ProjectId::parse(&parsed.project_id)
         .map_err(|e| ApiError::bad_request(Reason::BodyInvalid, e.to_string()))?;
     ex.facts.target_project = Some(project.to_string());
-    let (gate, invoked) = ex.gate(app, answer_register);
     let how = if parsed.replace_deleted {
         crate::store::Registration::ReplacingDeleted
     } else {
         crate::store::Registration::Ordinary
     };
-    let result = app.store.register(id, &project, how, gate).await;
-    ex.settle_gate(&invoked, &result);
-    let outcome = result.map_err(|e| store_failure(&e))?;
+    let outcome = gated(ex, &app.auditor, answer_register, |gate| {
+        app.store.register(id, &project, how, gate)
+    })
+    .await?;
     let status = answer_register(&outcome, &mut ex.facts)?;
     Ok(respond::json(
         status,

@@ -18,15 +18,18 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
+use super::caller::authenticate_token;
+use super::exchange::Exchange;
 use super::respond::{self, ApiError, Body};
-use super::{App, Exchange, authenticate_token, store_failure};
+use crate::app::App;
 use crate::audit::event::bounded;
+use crate::audit::gate::gated;
 use crate::audit::{Activity, Facts, Reason, Surface};
 use crate::config::ComputeApi;
 use crate::crypto::RecordBinding;
 use crate::identity::TokenCaller;
 use crate::ids::InstanceId;
-use crate::microversion::{self, Microversion, VersionError};
+use crate::microversion::{self, Microversion};
 use crate::policy::{Action, Principal, Target};
 use crate::store::{ClearOutcome, PASSWORD_FIELD, Store, chunks};
 
@@ -102,13 +105,7 @@ pub fn negotiate_microversion(
     api: &ComputeApi,
     headers: &HeaderMap,
 ) -> Result<Microversion, ApiError> {
-    microversion::negotiate(headers, api.max_microversion).map_err(|e| {
-        let status = match e {
-            VersionError::Malformed(_) => StatusCode::BAD_REQUEST,
-            VersionError::Unsupported { .. } => StatusCode::NOT_ACCEPTABLE,
-        };
-        ApiError::new(status, Reason::InvalidHeader, e.to_string())
-    })
+    Ok(microversion::negotiate(headers, api.max_microversion)?)
 }
 
 /// Adds the headers every compute answer carries, as Nova sends them: the version served, `Vary`
@@ -170,10 +167,7 @@ fn version_document(base: &str, api: &ComputeApi) -> serde_json::Value {
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::not_found(
-        Reason::UnknownInstance,
-        format!("Instance {} could not be found.", bounded(id)),
-    )
+    ApiError::unknown_instance(format!("Instance {} could not be found.", bounded(id)))
 }
 
 #[derive(Serialize)]
@@ -228,21 +222,11 @@ pub async fn handle<B: super::RequestBody>(
             }
             _ => {
                 ex.facts.operation = "password:other";
-                Err(method_not_allowed("GET, DELETE"))
+                Err(ApiError::wrong_method(Surface::Compute, "GET, DELETE"))
             }
         },
-        ComputeRoute::NotFound => Err(ApiError::not_found(Reason::NotFound, "No such resource.")),
+        ComputeRoute::NotFound => Err(ApiError::no_such_resource()),
     }
-}
-
-/// 405 with `Allow`.
-fn method_not_allowed(allow: &'static str) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        Reason::MethodNotAllowed,
-        format!("Only {allow} is supported here."),
-    )
-    .with_allow(allow)
 }
 
 /// Refuses any method but GET.
@@ -250,7 +234,7 @@ fn only_get(method: &Method) -> Result<(), ApiError> {
     if method == Method::GET {
         Ok(())
     } else {
-        Err(method_not_allowed("GET"))
+        Err(ApiError::wrong_method(Surface::Compute, "GET"))
     }
 }
 
@@ -313,11 +297,7 @@ async fn show_server(
     owned: Owned,
     base: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let record = app
-        .store
-        .instance(&owned.instance)
-        .await
-        .map_err(|e| store_failure(&e))?;
+    let record = app.store.instance(&owned.instance).await?;
     authorize(
         app,
         ex,
@@ -350,11 +330,7 @@ async fn get_password(
     ex: &mut Exchange,
     owned: Owned,
 ) -> Result<Response<Body>, ApiError> {
-    let record = app
-        .store
-        .password(&owned.instance)
-        .await
-        .map_err(|e| store_failure(&e))?;
+    let record = app.store.password(&owned.instance).await?;
     let project = record.as_ref().map(|r| r.instance.project_id.as_str());
     authorize(app, ex, &owned, Action::PasswordGet, project)?;
     let id = &owned.instance;
@@ -396,10 +372,7 @@ fn answer_clear(outcome: &ClearOutcome, facts: &mut Facts) -> Result<StatusCode,
             facts.record_version = Some(*version);
             Ok(StatusCode::NO_CONTENT)
         }
-        ClearOutcome::NotFound => Err(ApiError::not_found(
-            Reason::UnknownInstance,
-            "Instance could not be found.",
-        )),
+        ClearOutcome::NotFound => Err(ApiError::unknown_instance("Instance could not be found.")),
     }
 }
 
@@ -408,11 +381,7 @@ async fn clear_password(
     ex: &mut Exchange,
     owned: Owned,
 ) -> Result<Response<Body>, ApiError> {
-    let record = app
-        .store
-        .instance(&owned.instance)
-        .await
-        .map_err(|e| store_failure(&e))?;
+    let record = app.store.instance(&owned.instance).await?;
     authorize(
         app,
         ex,
@@ -420,10 +389,10 @@ async fn clear_password(
         Action::PasswordClear,
         record.as_ref().map(|r| r.project_id.as_str()),
     )?;
-    let (gate, invoked) = ex.gate(app, answer_clear);
-    let result = app.store.clear_password(&owned.instance, gate).await;
-    ex.settle_gate(&invoked, &result);
-    let outcome = result.map_err(|e| store_failure(&e))?;
+    let outcome = gated(ex, &app.auditor, answer_clear, |gate| {
+        app.store.clear_password(&owned.instance, gate)
+    })
+    .await?;
     Ok(respond::empty(answer_clear(&outcome, &mut ex.facts)?))
 }
 

@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 use http::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
+use super::exchange::Exchange;
 use super::respond::{self, ApiError, Body};
-use super::{App, Exchange};
+use crate::app::App;
 use crate::audit::{Activity, Reason, Surface};
 use crate::store::Store;
 
@@ -53,12 +54,7 @@ pub async fn handle<B: super::RequestBody>(
         _ => "health:live",
     };
     if req.method() != Method::GET {
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            Reason::MethodNotAllowed,
-            "Only GET is supported.",
-        )
-        .with_allow("GET"));
+        return Err(ApiError::wrong_method(Surface::Ops, "GET"));
     }
     if path == "/metrics" {
         app.auditor.queue_depth();

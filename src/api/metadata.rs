@@ -9,14 +9,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
-use super::body::{BodyError, read_limited};
+use super::body::read_limited;
+use super::caller::identify_instance;
+use super::exchange::Exchange;
 use super::respond::{self, ApiError, Body};
-use super::{App, Exchange, store_failure};
-use crate::audit::event::bounded;
-use crate::audit::{Activity, AuthMethod, CallerKind, Facts, Reason, Surface};
-use crate::config::ProxyAuth;
+use crate::app::App;
+use crate::audit::gate::{Audited, gated};
+use crate::audit::{Activity, Facts, Reason, Surface};
 use crate::crypto::{MAX_PLAINTEXT_LEN, RecordBinding};
-use crate::identity::{INSTANCE_ID_HEADER, ProxyHeaderError, SIGNATURE_HEADER, TENANT_ID_HEADER};
+use crate::identity::authenticate::InstanceCaller;
 use crate::ids::{InstanceId, ProjectId};
 use crate::policy::{Action, Principal, Target};
 use crate::store::{PASSWORD_FIELD, SetOutcome, Store, chunks};
@@ -196,11 +197,7 @@ pub async fn handle<B: super::RequestBody>(
             Method::POST => post_password(app, ex, &parts.headers, body).await,
             _ => {
                 ex.facts.operation = "password:other";
-                Err(ApiError::bad_request(
-                    Reason::MethodNotAllowed,
-                    "GET and POST only are supported.",
-                )
-                .with_allow("GET, POST"))
+                Err(ApiError::wrong_method(Surface::Instance, "GET, POST"))
             }
         },
         InstanceRoute::NotFound => Err(ApiError::not_found(
@@ -214,10 +211,7 @@ fn list(ex: &mut Exchange, method: &Method, body: String) -> Result<Response<Bod
     ex.facts.operation = "metadata:list";
     ex.facts.activity = Activity::Read;
     if method != Method::GET {
-        return Err(
-            ApiError::bad_request(Reason::MethodNotAllowed, "GET only is supported.")
-                .with_allow("GET"),
-        );
+        return Err(ApiError::wrong_method(Surface::Instance, "GET"));
     }
     Ok(respond::text(body))
 }
@@ -234,94 +228,7 @@ fn not_yet_registered(ex: &mut Exchange) {
 }
 
 fn not_found() -> ApiError {
-    ApiError::not_found(Reason::UnknownInstance, "Instance not found.")
-}
-
-/// Identifies the calling instance: by its client certificate (`urn:uuid:<id>` SAN; the tenant is
-/// then whatever the registry says), or by the proxy's signed headers, checked in Nova's order:
-/// 400 for missing or repeated headers, 403 for a bad signature, 404 for an unknown instance or a
-/// tenant that does not own it (the same answer for both). In `mtls+signature` mode the headers
-/// count only on a connection with the metadata proxy's client certificate.
-fn identify(
-    app: &App,
-    ex: &mut Exchange,
-    headers: &HeaderMap,
-) -> Result<(InstanceId, Option<ProjectId>), ApiError> {
-    let conn = ex.conn.clone();
-    if let Some(id) = conn
-        .client_cert
-        .as_ref()
-        .and_then(|c| c.instance_id.clone())
-    {
-        let facts = &mut ex.facts;
-        facts.caller.auth = AuthMethod::ClientCertificate;
-        facts.caller.kind = CallerKind::Instance;
-        facts.caller.instance_id = Some(id.to_string());
-        facts.caller.credential_fingerprint = facts.client_certificate.clone();
-        facts.target_instance = Some(id.to_string());
-        let sent = [INSTANCE_ID_HEADER, TENANT_ID_HEADER, SIGNATURE_HEADER];
-        if sent.iter().any(|h| headers.contains_key(*h)) {
-            return Err(ApiError::bad_request(
-                Reason::BadRequest,
-                "Proxy headers are not accepted on a connection with an instance certificate.",
-            ));
-        }
-        if let Err(limited) = app.limiters.instance(id.as_str()) {
-            return Err(super::rate_limited(app, ex, limited));
-        }
-        return Ok((id, None));
-    }
-
-    let from_proxy = conn
-        .client_cert
-        .as_ref()
-        .is_some_and(|c| c.is_proxy(&app.instance_auth.proxy_cert_names));
-    let (claim, verdict) = app.signer.verify(headers);
-    let credentialed = ex.credentialed;
-    let facts = &mut ex.facts;
-    facts.caller.auth = AuthMethod::ProxySignature;
-    facts.caller.claimed_instance = claim.instance_id.as_deref().map(bounded);
-    facts.caller.claimed_tenant = claim.tenant_id.as_deref().map(bounded);
-    if app.instance_auth.proxy_auth == ProxyAuth::MtlsAndSignature && !from_proxy {
-        // Proxy headers from anyone but the proxy are a failed authentication, as a bad signature is.
-        app.limiters.failed_auth(facts.client, !credentialed);
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            Reason::ProxyCertificateRequired,
-            "Signed proxy headers are accepted only from the metadata proxy's client certificate.",
-        ));
-    }
-    verdict.map_err(|e| {
-        // Proxy headers that do not verify, malformed or forged, are a failed authentication.
-        app.limiters.failed_auth(facts.client, !credentialed);
-        let reason = match e {
-            ProxyHeaderError::Missing(_) => Reason::MissingHeader,
-            ProxyHeaderError::Duplicate(_) => Reason::DuplicateHeader,
-            ProxyHeaderError::NotText(_) => Reason::InvalidHeader,
-            ProxyHeaderError::BadSignature => {
-                return ApiError::new(StatusCode::FORBIDDEN, Reason::BadSignature, e.to_string());
-            }
-        };
-        ApiError::bad_request(reason, e.to_string())
-    })?;
-    let (instance, tenant) = (
-        claim.instance_id.unwrap_or_default(),
-        claim.tenant_id.unwrap_or_default(),
-    );
-    if let Err(limited) = app.limiters.instance(&instance) {
-        return Err(super::rate_limited(app, ex, limited));
-    }
-    let facts = &mut ex.facts;
-    facts.caller.kind = CallerKind::Instance;
-    facts.target_instance = Some(bounded(&instance));
-    let id = InstanceId::parse(&instance).map_err(|_| not_found())?;
-    facts.caller.instance_id = Some(id.to_string());
-    let tenant = ProjectId::parse(&tenant).map_err(|_| {
-        let mut e = not_found();
-        e.reason = Reason::TenantMismatch;
-        e
-    })?;
-    Ok((id, Some(tenant)))
+    ApiError::unknown_instance("Instance not found.")
 }
 
 /// Checks that the claimed tenant (if the proxy claimed one) owns the instance, and that policy
@@ -358,18 +265,13 @@ async fn get_password(
 ) -> Result<Response<Body>, ApiError> {
     ex.facts.operation = Action::PasswordGet.as_str();
     ex.facts.activity = Activity::Read;
-    let (id, tenant) = identify(app, ex, headers)?;
-    let mut record = app
-        .store
-        .password(&id)
-        .await
-        .map_err(|e| store_failure(&e))?;
+    let InstanceCaller {
+        instance: id,
+        tenant,
+    } = identify_instance(app, ex, headers)?;
+    let mut record = app.store.password(&id).await?;
     if record.is_none() && crate::nova::lookup::register_unknown(app, &id).await {
-        record = app
-            .store
-            .password(&id)
-            .await
-            .map_err(|e| store_failure(&e))?;
+        record = app.store.password(&id).await?;
     }
     let Some(record) = record else {
         // Signed for an instance the registry does not know yet: there is no password to reveal,
@@ -428,11 +330,7 @@ fn answer_set(outcome: &SetOutcome, facts: &mut Facts) -> Result<StatusCode, Api
 }
 
 fn already_set() -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        Reason::Conflict,
-        "A password is already set for this instance.",
-    )
+    ApiError::conflict("A password is already set for this instance.")
 }
 
 async fn post_password<B: super::RequestBody>(
@@ -443,18 +341,13 @@ async fn post_password<B: super::RequestBody>(
 ) -> Result<Response<Body>, ApiError> {
     ex.facts.operation = Action::PasswordSet.as_str();
     ex.facts.activity = Activity::Create;
-    let (id, tenant) = identify(app, ex, headers)?;
-    let mut record = app
-        .store
-        .instance(&id)
-        .await
-        .map_err(|e| store_failure(&e))?;
+    let InstanceCaller {
+        instance: id,
+        tenant,
+    } = identify_instance(app, ex, headers)?;
+    let mut record = app.store.instance(&id).await?;
     if record.is_none() && crate::nova::lookup::register_unknown(app, &id).await {
-        record = app
-            .store
-            .instance(&id)
-            .await
-            .map_err(|e| store_failure(&e))?;
+        record = app.store.instance(&id).await?;
     }
     let Some(record) = record else {
         // Signed for an instance the registry does not know yet: "try again shortly" (503 passes
@@ -490,37 +383,12 @@ async fn post_password<B: super::RequestBody>(
     let body_deadline = ex
         .deadline
         .min(Instant::now() + app.limits.body_read_timeout());
-    let body = match read_limited(body, MAX_PLAINTEXT_LEN, body_deadline).await {
-        Ok(body) => body,
-        Err(e) => {
-            ex.facts.body_bytes = e.bytes_read();
-            let (reason, message) = match e {
-                BodyError::TooLarge { .. } => (Reason::BodyTooLarge, "Request is too large."),
-                BodyError::Timeout { .. } => (
-                    Reason::BodyTimeout,
-                    "The request body did not arrive in time.",
-                ),
-                BodyError::Broken { .. } => {
-                    (Reason::BadRequest, "The request body could not be read.")
-                }
-            };
-            return Err(ApiError::bad_request(reason, message).closing());
-        }
-    };
+    let body = read_limited(body, MAX_PLAINTEXT_LEN, body_deadline)
+        .await
+        .inspect_err(|e| ex.facts.body_bytes = e.bytes_read())?;
     ex.facts.body_bytes = body.len();
-    validate_password(&body).map_err(|e| {
-        let (reason, message) = match e {
-            PasswordBodyError::Empty => (Reason::BodyEmpty, "Request body is empty."),
-            PasswordBodyError::NotUtf8 => (Reason::BodyInvalid, "Request body is not valid UTF-8."),
-            PasswordBodyError::ControlCharacter => (
-                Reason::BodyInvalid,
-                "Request body contains NUL or control characters.",
-            ),
-        };
-        ApiError::bad_request(reason, message)
-    })?;
-    let result = seal_once(app, ex, &id, &tenant, body, answer_set).await;
-    let outcome = result.map_err(|e| store_failure(&e))?;
+    validate_password(&body)?;
+    let outcome = seal_once(app, ex, &id, &tenant, body, answer_set).await?;
     answer_set(&outcome, &mut ex.facts)?;
     Ok(respond::text(Bytes::new()))
 }
@@ -528,7 +396,7 @@ async fn post_password<B: super::RequestBody>(
 /// Seals `blob` under the active key and stores it for `id` if none is set, with the audit event
 /// of `host` (its blob fingerprint and key id filled in, `answer` deciding its outcome) made
 /// durable before the commit. The one set-once path: the guest's POST and `import-nova`.
-pub(crate) async fn seal_once<A: super::Audited>(
+pub(crate) async fn seal_once<A: Audited>(
     app: &App,
     host: &mut A,
     id: &InstanceId,
@@ -552,13 +420,10 @@ pub(crate) async fn seal_once<A: super::Audited>(
         };
         keyring.seal(&binding, blob.as_ref())
     });
-    let (gate, invoked) = host.gate(app, answer);
-    let result = app
-        .store
-        .set_password_once(id, project, key_id, seal, gate)
-        .await;
-    host.settle_gate(&invoked, &result);
-    result
+    gated(host, &app.auditor, answer, |gate| {
+        app.store.set_password_once(id, project, key_id, seal, gate)
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -14,7 +14,16 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
-use crate::audit::{Facts, Reason};
+use super::body::BodyError;
+use super::metadata::PasswordBodyError;
+use crate::audit::gate::Verdict;
+use crate::audit::{Facts, Reason, Surface};
+use crate::identity::ProxyHeaderError;
+use crate::identity::authenticate::IdentityError;
+use crate::keys::KeyError;
+use crate::limits::Limited;
+use crate::microversion::VersionError;
+use crate::store::StoreError;
 
 /// The response body type of every answer.
 pub type Body = Full<Bytes>;
@@ -65,6 +74,54 @@ impl ApiError {
     pub fn closing(mut self) -> Self {
         self.close = true;
         self
+    }
+
+    /// The answer to an unrouted path (the same on every surface).
+    pub fn no_such_resource() -> Self {
+        Self::not_found(Reason::NotFound, "No such resource.")
+    }
+
+    /// 404 for an instance that does not exist or that the caller may not know of (the same
+    /// answer for both; the reason may later say which).
+    pub fn unknown_instance(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::not_found(Reason::UnknownInstance, message)
+    }
+
+    /// 409: the request conflicts with what is stored.
+    pub fn conflict(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::CONFLICT, Reason::Conflict, message)
+    }
+
+    /// A method the route does not serve: 405 with `Allow`, or on the instance API (Nova's rule,
+    /// see [`on_surface`]) a 400.
+    pub fn wrong_method(surface: Surface, allow: &'static str) -> Self {
+        let message = if surface == Surface::Instance {
+            // Nova's wording: "GET and POST only are supported."
+            let verb = if allow.contains(',') { "are" } else { "is" };
+            format!("{} only {verb} supported.", allow.replace(", ", " and "))
+        } else {
+            format!("Only {allow} is supported here.")
+        };
+        Self::new(
+            on_surface(surface, StatusCode::METHOD_NOT_ALLOWED),
+            Reason::MethodNotAllowed,
+            message,
+        )
+        .with_allow(allow)
+    }
+
+    /// Over a rate limit: 429 (503 on the instance API, see [`on_surface`]), `Retry-After` in whole
+    /// seconds, rounded up.
+    pub fn rate_limited(surface: Surface, limited: &Limited) -> Self {
+        Self::new(
+            on_surface(surface, StatusCode::TOO_MANY_REQUESTS),
+            Reason::RateLimited,
+            format!(
+                "Rate limit exceeded ({}); retry after {} s.",
+                limited.limit, limited.retry_after_secs
+            ),
+        )
+        .with_retry_after(limited.retry_after_secs)
     }
 
     /// 404 with a reason.
@@ -125,6 +182,149 @@ impl ApiError {
     }
 }
 
+/// The one table of the instance API's departures from plain HTTP: the Neutron/OVN metadata proxy
+/// passes only 200, 400, 403, 404, 409, 500, 502, 503 and 504 through to the guest (anything else
+/// becomes a 500), and Nova answers a wrong method with 400 and a rate limit with 503; agents
+/// such as cloudbase-init retry on those. Every other surface answers plain HTTP.
+pub fn on_surface(surface: Surface, status: StatusCode) -> StatusCode {
+    match (surface, status) {
+        (Surface::Instance, StatusCode::METHOD_NOT_ALLOWED) => StatusCode::BAD_REQUEST,
+        (Surface::Instance, StatusCode::TOO_MANY_REQUESTS) => StatusCode::SERVICE_UNAVAILABLE,
+        (_, status) => status,
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::GateRefused { .. } => ApiError::audit_unavailable(),
+            StoreError::Corrupt(_) => ApiError::integrity(),
+            StoreError::KeyExhausted(_) => ApiError::key_exhausted(),
+            StoreError::DeadlinePassed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::StoreUnavailable,
+                "The request ran out of time before the store could take it; nothing was changed.",
+            )
+            .with_retry_after(1),
+            _ => ApiError::store_unavailable(),
+        }
+    }
+}
+
+impl From<BodyError> for ApiError {
+    /// The body was not read to its end, so the connection closes after the answer.
+    fn from(error: BodyError) -> Self {
+        let (reason, message) = match error {
+            BodyError::TooLarge { .. } => (Reason::BodyTooLarge, "Request is too large."),
+            BodyError::Timeout { .. } => (
+                Reason::BodyTimeout,
+                "The request body did not arrive in time.",
+            ),
+            BodyError::Broken { .. } => (Reason::BadRequest, "The request body could not be read."),
+        };
+        ApiError::bad_request(reason, message).closing()
+    }
+}
+
+impl From<PasswordBodyError> for ApiError {
+    fn from(error: PasswordBodyError) -> Self {
+        let (reason, message) = match error {
+            PasswordBodyError::Empty => (Reason::BodyEmpty, "Request body is empty."),
+            PasswordBodyError::NotUtf8 => (Reason::BodyInvalid, "Request body is not valid UTF-8."),
+            PasswordBodyError::ControlCharacter => (
+                Reason::BodyInvalid,
+                "Request body contains NUL or control characters.",
+            ),
+        };
+        ApiError::bad_request(reason, message)
+    }
+}
+
+impl From<IdentityError> for ApiError {
+    /// Nova's order and codes for the proxy headers (400 malformed, 403 forged, 404 unknown);
+    /// 401 for a token no one vouches for; 503 when Keystone cannot answer, releasing nothing.
+    fn from(error: IdentityError) -> Self {
+        let message = error.to_string();
+        match error {
+            IdentityError::ProxyHeadersWithCertificate { .. } => {
+                ApiError::bad_request(Reason::BadRequest, message)
+            }
+            IdentityError::ProxyCertificateRequired => ApiError::new(
+                StatusCode::FORBIDDEN,
+                Reason::ProxyCertificateRequired,
+                message,
+            ),
+            IdentityError::ProxyHeader(ProxyHeaderError::BadSignature) => {
+                ApiError::new(StatusCode::FORBIDDEN, Reason::BadSignature, message)
+            }
+            IdentityError::ProxyHeader(header) => {
+                let reason = match header {
+                    ProxyHeaderError::Missing(_) => Reason::MissingHeader,
+                    ProxyHeaderError::Duplicate(_) => Reason::DuplicateHeader,
+                    _ => Reason::InvalidHeader,
+                };
+                ApiError::bad_request(reason, message)
+            }
+            IdentityError::MalformedInstance { .. } => ApiError::unknown_instance(message),
+            IdentityError::MalformedTenant { .. } => {
+                ApiError::not_found(Reason::TenantMismatch, message)
+            }
+            IdentityError::NotProjectScoped => {
+                ApiError::new(StatusCode::FORBIDDEN, Reason::Forbidden, message)
+            }
+            IdentityError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Reason::IdentityUnavailable,
+                "The identity service cannot validate the token right now; nothing was released.",
+            )
+            .with_retry_after(1),
+            _ => ApiError::new(StatusCode::UNAUTHORIZED, Reason::Unauthenticated, message),
+        }
+    }
+}
+
+impl From<VersionError> for ApiError {
+    /// Nova's answers: 400 for a malformed version, 406 for one outside 2.1 to the maximum.
+    fn from(error: VersionError) -> Self {
+        let status = match error {
+            VersionError::Malformed(_) => StatusCode::BAD_REQUEST,
+            VersionError::Unsupported { .. } => StatusCode::NOT_ACCEPTABLE,
+        };
+        ApiError::new(status, Reason::InvalidHeader, error.to_string())
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(error: KeyError) -> Self {
+        match error {
+            KeyError::Refused(message) => {
+                ApiError::new(StatusCode::CONFLICT, Reason::KeyringRefused, message)
+            }
+            e @ KeyError::NotReloadable(_) => ApiError::conflict(e.to_string()),
+            KeyError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// A refusal's event carries its reason, its message and its status.
+impl Verdict for ApiError {
+    fn record(&self, facts: &mut Facts) -> u16 {
+        facts.reason = self.reason;
+        facts.detail = Some(self.message.to_string());
+        self.status.as_u16()
+    }
+}
+
+/// An answer decided from a store outcome (see [`crate::audit::gate`]).
+impl Verdict for Result<StatusCode, ApiError> {
+    fn record(&self, facts: &mut Facts) -> u16 {
+        match self {
+            Ok(status) => status.as_u16(),
+            Err(refusal) => refusal.record(facts),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
@@ -160,8 +360,7 @@ fn build(status: StatusCode, content_type: Option<&'static str>, body: Bytes) ->
 
 /// Records `error` in the facts and renders it.
 pub fn error(facts: &mut Facts, error: &ApiError) -> Response<Body> {
-    facts.reason = error.reason;
-    facts.detail = Some(error.message.to_string());
+    error.record(facts);
     let body = serde_json::to_vec(&ErrorBody {
         error: ErrorDetail {
             code: error.status.as_u16(),

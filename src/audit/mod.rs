@@ -17,6 +17,7 @@ pub mod anchor;
 pub mod chain;
 pub mod checkpoint;
 pub mod event;
+pub mod gate;
 pub mod reconcile;
 pub mod review;
 pub mod verify;

@@ -1,6 +1,8 @@
-//! Who is calling: the metadata proxy's signed instance headers, and owner/admin tokens.
+//! Who is calling: instance certificates, the metadata proxy's signed instance headers, and
+//! owner/admin tokens (the token file, Keystone in [`keystone`]).
 //!
-//! This module answers "who", never "may they": that is [`crate::policy`]'s job.
+//! [`authenticate`] is the identity step every request takes; it answers "who", never "may they"
+//! (that is [`crate::policy`]'s job), and knows nothing of HTTP answers or audit events.
 
 use std::fmt;
 
@@ -12,6 +14,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::ids::ProjectId;
 
+pub mod authenticate;
 pub mod keystone;
 
 /// `X-Instance-ID`: the instance the proxy speaks for.

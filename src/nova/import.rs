@@ -19,9 +19,9 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use super::{finish, refuse, register, task};
-use crate::api::App;
 use crate::api::metadata::{PasswordBodyError, seal_once, validate_password};
 use crate::api::respond::ApiError;
+use crate::app::App;
 use crate::audit::{Activity, Facts, Reason};
 use crate::ids::{InstanceId, ProjectId};
 use crate::store::{Backend, RegisterOutcome, SetOutcome, Store};

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::import::NovaDatabase;
 use super::{refuse, register};
-use crate::api::App;
 use crate::api::respond::ApiError;
+use crate::app::App;
 use crate::audit::Reason;
 use crate::config::NovaLookupSettings;
 use crate::ids::{InstanceId, ProjectId};

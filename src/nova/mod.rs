@@ -10,7 +10,8 @@ pub mod lookup;
 pub mod notifications;
 
 use crate::api::respond::ApiError;
-use crate::api::{Audited, SystemTask, store_failure};
+use crate::app::App;
+use crate::audit::gate::{SystemTask, gated};
 use crate::audit::{Activity, Surface};
 use crate::ids::{InstanceId, ProjectId};
 use crate::store::{RegisterOutcome, Store};
@@ -32,7 +33,7 @@ fn task(
 /// Registers `id` to `project`, audited as `operation`. Returns the outcome, or the store error
 /// (already audited).
 async fn register(
-    app: &crate::api::App,
+    app: &App,
     operation: &'static str,
     id: &InstanceId,
     project: &ProjectId,
@@ -45,32 +46,36 @@ async fn register(
         Some(project.as_str()),
     );
     task.facts.detail = Some(detail);
-    let (gate, invoked) = task.gate(app, crate::api::admin::answer_register);
-    let result = app
-        .store
-        .register(id, project, crate::store::Registration::Ordinary, gate)
-        .await;
-    task.settle_gate(&invoked, &result);
+    let result = gated(
+        &mut task,
+        &app.auditor,
+        crate::api::admin::answer_register,
+        |gate| {
+            app.store
+                .register(id, project, crate::store::Registration::Ordinary, gate)
+        },
+    )
+    .await;
     finish(app, task, result).await
 }
 
 /// Ends `task` after a gated store call: the gate already recorded the event, or the failure is
 /// recorded now. The store error, as an answer, is returned for the caller to act on.
 async fn finish<O>(
-    app: &crate::api::App,
+    app: &App,
     task: SystemTask,
     result: Result<O, crate::store::StoreError>,
 ) -> Result<O, ApiError> {
     match result {
         Ok(outcome) => {
-            if let Err(e) = task.finish(app, 200).await {
+            if let Err(e) = task.finish(&app.auditor, 200).await {
                 return Err(audit_failed(&e));
             }
             Ok(outcome)
         }
         Err(e) => {
-            let error = store_failure(&e);
-            let _ = task.fail(app, &error).await;
+            let error = ApiError::from(e);
+            let _ = task.fail(&app.auditor, &error).await;
             Err(error)
         }
     }
@@ -84,7 +89,7 @@ fn audit_failed(e: &crate::audit::AuditError) -> ApiError {
 /// Records a refused item (nothing changed) as `operation` with `error`. Only a valid instance
 /// id is named as the target.
 async fn refuse(
-    app: &crate::api::App,
+    app: &App,
     operation: &'static str,
     instance: Option<&str>,
     project: Option<&str>,
@@ -93,5 +98,7 @@ async fn refuse(
     let instance = instance.filter(|i| InstanceId::parse(i).is_ok());
     let project = project.filter(|p| ProjectId::parse(p).is_ok());
     let task = task(operation, Activity::Unknown, instance, project);
-    task.fail(app, error).await.map_err(|e| audit_failed(&e))
+    task.fail(&app.auditor, error)
+        .await
+        .map_err(|e| audit_failed(&e))
 }

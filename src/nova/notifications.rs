@@ -34,9 +34,9 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 
 use super::{finish, refuse, register, task};
-use crate::api::App;
-use crate::api::Audited;
 use crate::api::respond::ApiError;
+use crate::app::App;
+use crate::audit::gate::gated;
 use crate::audit::{Activity, Facts, Reason};
 use crate::config::NotificationSettings;
 use crate::ids::{InstanceId, ProjectId};
@@ -178,17 +178,19 @@ pub async fn apply(app: &App, event_type: &str, change: Change) -> Result<(), Ap
         Change::Delete { id } => {
             let mut task = task("sync:delete", Activity::Delete, Some(id.as_str()), None);
             task.facts.detail = Some(detail);
-            let (gate, invoked) = task.gate(app, answer_delete);
-            let result = app.store.delete_instance(&id, gate).await;
-            task.settle_gate(&invoked, &result);
+            let result = gated(&mut task, &app.auditor, answer_delete, |gate| {
+                app.store.delete_instance(&id, gate)
+            })
+            .await;
             finish(app, task, result).await.map(drop)
         }
         Change::ClearPassword { id } => {
             let mut task = task("sync:rebuild", Activity::Update, Some(id.as_str()), None);
             task.facts.detail = Some(detail);
-            let (gate, invoked) = task.gate(app, answer_clear);
-            let result = app.store.clear_password(&id, gate).await;
-            task.settle_gate(&invoked, &result);
+            let result = gated(&mut task, &app.auditor, answer_clear, |gate| {
+                app.store.clear_password(&id, gate)
+            })
+            .await;
             finish(app, task, result).await.map(drop)
         }
     }

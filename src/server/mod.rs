@@ -32,7 +32,8 @@ use tokio::time::Instant;
 
 use pressure::{Admission, ConnState, Registry};
 
-use crate::api::{self, App, ConnInfo};
+use crate::api::{self, ConnInfo};
+use crate::app::App;
 use crate::audit::Reason;
 use crate::config::{Limits, ListenerConfig};
 use crate::identity::ClientCert;
