@@ -47,6 +47,8 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod background;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod devcerts;
