@@ -73,7 +73,7 @@ pub fn resolve(
     let value = joined(headers, used);
     // The header this listener's proxies do not set is a client's own: kept for the audit
     // event, believed never.
-    let unbelieved = joined(headers, other).map(|raw| crate::audit::event::bounded(&raw));
+    let unbelieved = joined(headers, other).map(|raw| crate::text::bounded(&raw));
     let direct = Source {
         client: peer,
         chain: Vec::new(),
@@ -86,7 +86,7 @@ pub fn resolve(
     if !listener.trusts(peer) {
         return Ok(Source {
             verdict: Verdict::IgnoredUntrustedPeer,
-            ignored: Some(crate::audit::event::bounded(&value)),
+            ignored: Some(crate::text::bounded(&value)),
             ..direct
         });
     }

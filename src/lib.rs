@@ -64,6 +64,8 @@ pub mod nova;
 pub mod policy;
 pub mod server;
 pub mod store;
+pub mod surface;
+pub mod text;
 pub mod tls;
 
 /// The product name written into audit events and the `Server` header.

@@ -27,7 +27,7 @@ use serde::Deserialize;
 /// The `prev` of the first line ever written.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// The shortest audit secret accepted.
-pub const MIN_SECRET_LEN: usize = 32;
+pub use crate::config::MIN_SECRET_LEN;
 /// The prefix of every keyed fingerprint.
 pub const FINGERPRINT_PREFIX: &str = "hmac-sha256:";
 

@@ -21,8 +21,7 @@ use crate::ids::RequestId;
 pub const OCSF_VERSION: &str = "1.4.0";
 /// metapass's own version of the event layout (the `unmapped.schema` field).
 pub const SCHEMA: &str = "metapass.audit/1";
-/// Attacker-controlled text (paths, claimed ids, user agents) is cut to this many bytes.
-pub const MAX_TEXT: usize = 256;
+pub use crate::text::{MAX_TEXT, bounded};
 
 /// The most of the path and user agent kept in the event of an unauthenticated caller that was
 /// refused: such clients choose those strings and how often they are refused, so their events
@@ -291,21 +290,7 @@ impl Caller {
     }
 }
 
-/// Which API surface a request reached (and, in configuration, which surfaces a listener serves).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Surface {
-    /// The instance-facing metadata password API.
-    Instance,
-    /// The owner-facing compute API subset.
-    Compute,
-    /// The admin API.
-    Admin,
-    /// Health and metrics.
-    Ops,
-    /// No route matched.
-    Unknown,
-}
+pub use crate::surface::Surface;
 
 /// A policy decision.
 #[derive(Debug, Clone)]
@@ -413,18 +398,6 @@ pub struct Aggregate {
     pub count: u64,
     /// The first of their request ids (each was sent as its answer's `X-Request-Id`).
     pub request_ids: Vec<String>,
-}
-
-/// Cuts attacker-controlled text to at most [`MAX_TEXT`] bytes on a character boundary.
-pub fn bounded(s: &str) -> String {
-    if s.len() <= MAX_TEXT {
-        return s.to_owned();
-    }
-    let mut end = MAX_TEXT;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 impl Facts {

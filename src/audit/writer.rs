@@ -45,15 +45,8 @@ pub const MAX_BATCH: usize = 1024;
 /// every request behind it for a hundred milliseconds (bench/run's p99).
 pub const WRITE_MODE_SYNC_BYTES: u64 = 4 * 1024 * 1024;
 
-/// When the writer flushes to disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncMode {
-    /// `fdatasync` every batch before acknowledging it.
-    Always,
-    /// Acknowledge once written to the OS; `fdatasync` only batches holding a mutation's event.
-    Write,
-}
+/// When the writer flushes to disk (configured in `[audit] sync`).
+pub use crate::config::SyncMode;
 
 /// How durable an event must be before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,7 +21,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use super::{ConfigError, check_certificate_mode, err, read_secret_file, under};
+use super::secrets::{check_certificate_mode, read_secret_file, under};
+use super::{ConfigError, err};
 use crate::identity::keystone::{KeystoneSettings, ServiceCredentials};
 
 #[derive(Deserialize)]

@@ -15,7 +15,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::{ConfigError, err, read_secret_file, under};
+use super::secrets::{read_secret_file, under};
+use super::{ConfigError, err};
 
 /// Where and how to look an unknown instance up in Nova's database.
 #[derive(Debug, Clone)]

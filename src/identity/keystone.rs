@@ -450,11 +450,11 @@ fn identity_from(body: &[u8]) -> Result<KeystoneIdentity, KeystoneError> {
         .roles
         .into_iter()
         .take(MAX_ROLES)
-        .map(|r| crate::audit::event::bounded(&r.name))
+        .map(|r| crate::text::bounded(&r.name))
         .collect();
     Ok(KeystoneIdentity {
-        user_id: crate::audit::event::bounded(&user.id),
-        user_name: crate::audit::event::bounded(&user.name),
+        user_id: crate::text::bounded(&user.id),
+        user_name: crate::text::bounded(&user.name),
         project_id,
         roles,
         expires_at,
