@@ -26,12 +26,11 @@ use crate::audit::event::bounded;
 use crate::audit::gate::gated;
 use crate::audit::{Activity, Facts, Reason, Surface};
 use crate::config::ComputeApi;
-use crate::crypto::RecordBinding;
 use crate::identity::TokenCaller;
 use crate::ids::InstanceId;
 use crate::microversion::{self, Microversion};
 use crate::policy::{Action, Principal, Target};
-use crate::store::{ClearOutcome, PASSWORD_FIELD, Store, chunks};
+use crate::store::{ClearOutcome, Store};
 
 /// A route of the compute API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,28 +334,13 @@ async fn get_password(
     authorize(app, ex, &owned, Action::PasswordGet, project)?;
     let id = &owned.instance;
     let record = record.ok_or_else(|| not_found(id.as_str()))?;
-    let version = record.instance.password_version;
-    ex.facts.record_version = Some(version);
-    if !record.instance.password_set {
-        if !record.chunks.is_empty() {
-            return Err(ApiError::integrity());
-        }
+    ex.facts.record_version = Some(record.instance.password_version);
+    let Some(plaintext) = record.open(id, &app.keyring())? else {
         return Ok(respond::json(
             StatusCode::OK,
             &PasswordBody { password: "" },
         ));
-    }
-    let sealed = chunks::join(PASSWORD_FIELD, &record.chunks).map_err(|_| ApiError::integrity())?;
-    let binding = RecordBinding {
-        project_id: &record.instance.project_id,
-        instance_id: id.as_str(),
-        field: PASSWORD_FIELD,
-        version,
     };
-    let plaintext = app
-        .keyring()
-        .open(&binding, &sealed)
-        .map_err(|_| ApiError::integrity())?;
     // The guest posted UTF-8 (validated on the way in); anything else is not what was sealed.
     let text = std::str::from_utf8(&plaintext).map_err(|_| ApiError::integrity())?;
     ex.facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(&plaintext));

@@ -20,7 +20,7 @@ use crate::crypto::{MAX_PLAINTEXT_LEN, RecordBinding};
 use crate::identity::authenticate::InstanceCaller;
 use crate::ids::{InstanceId, ProjectId};
 use crate::policy::{Action, Principal, Target};
-use crate::store::{PASSWORD_FIELD, SetOutcome, Store, chunks};
+use crate::store::{PASSWORD_FIELD, SetOutcome, Store};
 
 /// Nova's metadata versions, oldest first; `latest` is the newest.
 pub const VERSIONS: [&str; 10] = [
@@ -287,28 +287,11 @@ async fn get_password(
         &record.instance.project_id,
         Action::PasswordGet,
     )?;
-    let version = record.instance.password_version;
-    ex.facts.record_version = Some(version);
-    if !record.instance.password_set {
-        // No password: an empty 200 (cloudbase-init reads a 404 as an error). Chunks without the
-        // flag mean someone wrote to the store behind metapass's back.
-        return if record.chunks.is_empty() {
-            Ok(respond::text(Bytes::new()))
-        } else {
-            Err(ApiError::integrity())
-        };
-    }
-    let sealed = chunks::join(PASSWORD_FIELD, &record.chunks).map_err(|_| ApiError::integrity())?;
-    let binding = RecordBinding {
-        project_id: &record.instance.project_id,
-        instance_id: id.as_str(),
-        field: PASSWORD_FIELD,
-        version,
+    ex.facts.record_version = Some(record.instance.password_version);
+    let Some(plaintext) = record.open(&id, &app.keyring())? else {
+        // No password: an empty 200 (cloudbase-init reads a 404 as an error).
+        return Ok(respond::text(Bytes::new()));
     };
-    let plaintext = app
-        .keyring()
-        .open(&binding, &sealed)
-        .map_err(|_| ApiError::integrity())?;
     ex.facts.secret_fingerprint = Some(app.auditor.keys().fingerprint(&plaintext));
     Ok(respond::text(Bytes::copy_from_slice(&plaintext)))
 }

@@ -24,6 +24,7 @@ use crate::keys::KeyError;
 use crate::limits::Limited;
 use crate::microversion::VersionError;
 use crate::store::StoreError;
+use crate::store::rules::IntegrityFailure;
 
 /// The response body type of every answer.
 pub type Body = Full<Bytes>;
@@ -280,6 +281,12 @@ impl From<IdentityError> for ApiError {
             .with_retry_after(1),
             _ => ApiError::new(StatusCode::UNAUTHORIZED, Reason::Unauthenticated, message),
         }
+    }
+}
+
+impl From<IntegrityFailure> for ApiError {
+    fn from(_: IntegrityFailure) -> Self {
+        ApiError::integrity()
     }
 }
 

@@ -21,6 +21,7 @@
 
 pub mod chunks;
 pub mod postgres;
+pub mod rules;
 pub mod sqlite;
 
 use std::future::Future;

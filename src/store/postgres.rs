@@ -28,6 +28,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use secrecy::ExposeSecret;
 use tokio_postgres::{GenericClient, NoTls};
 
+use super::rules;
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, InventoryRow, KeySync,
     KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
@@ -35,7 +36,7 @@ use super::{
     chunks, key_id_from, now_unix, plan_register, stored_project, to_i64, version_from,
 };
 use crate::config::PostgresSettings;
-use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
+use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY};
 use crate::ids::{InstanceId, ProjectId};
 
 /// The schema, one entry per version; `metapass_schema` records which have been applied.
@@ -334,10 +335,7 @@ impl PostgresStore {
             .query_opt("SELECT 1 FROM data_keys WHERE key_id = $1", &[&key])
             .await
             .map_err(db_err)?;
-        Err(match known {
-            Some(_) => StoreError::KeyExhausted(key_id),
-            None => StoreError::UnknownKey(key_id),
-        })
+        Err(rules::seal_refused(key_id, known.is_some()))
     }
 }
 
@@ -573,20 +571,12 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         let outcome = match won {
-            None => match instance_row(&*tx, id).await? {
-                None => SetOutcome::NotFound,
-                Some(r) if r.project_id != project => SetOutcome::ProjectMismatch,
-                Some(_) => SetOutcome::AlreadySet,
-            },
+            None => rules::set_once_refused(instance_row(&*tx, id).await?.as_ref(), project),
             Some(row) => {
                 let version = version_from(row.get(0))?;
                 self.reserve_seal(key_id).await?;
                 let sealed = seal(version)?;
-                if sealed_key_id(&sealed) != Some(key_id) {
-                    return Err(StoreError::Corrupt(
-                        "a seal named another key than the one reserved".into(),
-                    ));
-                }
+                rules::check_sealed_under(&sealed, key_id)?;
                 write_chunks(&tx, id, &sealed).await?;
                 SetOutcome::Stored { version }
             }
@@ -737,13 +727,16 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_err)?;
-        let still = current.is_some_and(|row| {
+        let current = current.map(|row| {
             let (set, version, key): (bool, i64, Option<i64>) =
                 (row.get(0), row.get(1), row.get(2));
-            set && version_from(version).ok() == Some(candidate.version)
-                && key.and_then(|k| key_id_from(k).ok()) == Some(candidate.key_id)
+            rules::SealedState {
+                set,
+                version: version_from(version).ok(),
+                key_id: key.and_then(|k| key_id_from(k).ok()),
+            }
         });
-        let outcome = if !still {
+        let outcome = if !rules::still_listed(current, candidate) {
             RewrapOutcome::Skipped
         } else {
             let stored: Vec<(String, Vec<u8>)> = tx
@@ -770,11 +763,7 @@ impl Store for PostgresStore {
                             from: candidate.key_id,
                         },
                         Ok(sealed) => {
-                            if sealed_key_id(&sealed) != Some(to_key) {
-                                return Err(StoreError::Corrupt(
-                                    "a seal named another key than the one reserved".into(),
-                                ));
-                            }
+                            rules::check_sealed_under(&sealed, to_key)?;
                             write_chunks(&tx, id, &sealed).await?;
                             tx.execute(
                                 "UPDATE instances

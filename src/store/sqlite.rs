@@ -21,6 +21,7 @@ use std::thread;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::rules;
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, GateDenied, GateTicket, InstanceRecord,
     InventoryRow, KeySync, KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord,
@@ -28,7 +29,7 @@ use super::{
     SetOutcome, Store, StoreError, chunks, key_id_from, now_unix, plan_register, stored_project,
     to_i64, version_from,
 };
-use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY, sealed_key_id};
+use crate::crypto::{KeyCheck, KeyId, MAX_SEALS_PER_KEY};
 use crate::ids::{InstanceId, ProjectId};
 
 /// The most jobs committed in one transaction.
@@ -546,10 +547,7 @@ fn reserve_seal(conn: &Connection, key_id: KeyId) -> Result<(), StoreError> {
         .query_row([key_id], |r| r.get(0))
         .optional()
         .map_err(db_err)?;
-    Err(match known {
-        Some(_) => StoreError::KeyExhausted(key_id),
-        None => StoreError::UnknownKey(key_id),
-    })
+    Err(rules::seal_refused(key_id, known.is_some()))
 }
 
 /// Replaces the chunks of `field` with those of `sealed`.
@@ -763,20 +761,15 @@ impl Store for SqliteStore {
                 .execute(params![id, project, now_unix(), key_id])
                 .map_err(db_err)?;
             if changed == 0 {
-                return Ok(match instance_row(conn, &id)? {
-                    None => SetOutcome::NotFound,
-                    Some(r) if r.project_id != project => SetOutcome::ProjectMismatch,
-                    Some(_) => SetOutcome::AlreadySet,
-                });
+                return Ok(rules::set_once_refused(
+                    instance_row(conn, &id)?.as_ref(),
+                    &project,
+                ));
             }
             let version = next_version(conn)?;
             reserve_seal(conn, key_id)?;
             let sealed = seal(version)?;
-            if sealed_key_id(&sealed) != Some(key_id) {
-                return Err(StoreError::Corrupt(
-                    "a seal named another key than the one reserved".into(),
-                ));
-            }
+            rules::check_sealed_under(&sealed, key_id)?;
             write_chunks(conn, &id, &sealed)?;
             Ok(SetOutcome::Stored { version })
         })
@@ -897,10 +890,12 @@ impl Store for SqliteStore {
                 .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()
                 .map_err(db_err)?;
-            let still = matches!(current, Some((1, v, Some(k)))
-                if version_from(v).ok() == Some(expected.version)
-                    && key_id_from(k).ok() == Some(expected.key_id));
-            if !still {
+            let current = current.map(|(set, version, key)| rules::SealedState {
+                set: set == 1,
+                version: version_from(version).ok(),
+                key_id: key.and_then(|k| key_id_from(k).ok()),
+            });
+            if !rules::still_listed(current, &expected) {
                 return Ok(RewrapOutcome::Skipped);
             }
             let mut stmt = conn
@@ -929,11 +924,7 @@ impl Store for SqliteStore {
                     from: expected.key_id,
                 });
             };
-            if sealed_key_id(&sealed) != Some(to_key) {
-                return Err(StoreError::Corrupt(
-                    "a seal named another key than the one reserved".into(),
-                ));
-            }
+            rules::check_sealed_under(&sealed, to_key)?;
             write_chunks(conn, &id, &sealed)?;
             conn.prepare_cached(
                 "UPDATE instances SET password_version = ?2, password_key_id = ?3, updated_at = ?4
