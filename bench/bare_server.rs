@@ -8,6 +8,9 @@
 //!
 //! Prints `listening on ADDR` once bound.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 use std::sync::Arc;
 
 use bytes::Bytes;

@@ -8,6 +8,7 @@ use secrecy::ExposeSecret;
 
 use crate::audit::event::{bounded, encode};
 use crate::audit::{Activity, AuditKeys, Auditor, Durability, Facts, Reason, WriterConfig};
+use crate::clock::Clock;
 use crate::config::{ComputeApi, Config, Limits};
 use crate::identity::ProxySigner;
 use crate::identity::authenticate::Identities;
@@ -48,12 +49,19 @@ pub struct App {
     pub nova_lookup: Option<crate::nova::lookup::NovaLookup>,
     /// Set when shutdown begins: readiness turns false.
     pub shutting_down: AtomicBool,
+    /// Where the request path's "now" comes from.
+    pub clock: Clock,
 }
 
 impl App {
     /// Opens everything the configuration names: the store, the audit log (continuing its
-    /// chain), the metrics, the limiters.
+    /// chain), the metrics, the limiters; on the system clock.
     pub async fn open(config: Config) -> Result<Self, String> {
+        Self::open_with_clock(config, Clock::system()).await
+    }
+
+    /// [`App::open`] with time read from `clock` (a manual clock in tests).
+    pub async fn open_with_clock(config: Config, clock: Clock) -> Result<Self, String> {
         let metrics = Arc::new(Metrics::new());
         let store = Backend::open(&config.store, metrics.store_seconds.clone())
             .await
@@ -76,7 +84,7 @@ impl App {
         check_audit_anchor(&store, &auditor, &config.audit.dir, config.audit.accept_gap).await?;
         let keystone = config
             .keystone
-            .map(Keystone::new)
+            .map(|settings| Keystone::new(settings, clock.clone()))
             .transpose()
             .map_err(|e| format!("[keystone]: {e}"))?;
         Ok(Self {
@@ -94,7 +102,10 @@ impl App {
             limits: config.limits,
             metrics,
             limiters: Limiters::new(&config.rate_limits),
-            refusals: crate::audit::aggregate::Refusals::new(config.rate_limits.max_keys),
+            refusals: crate::audit::aggregate::Refusals::new(
+                config.rate_limits.max_keys,
+                clock.clone(),
+            ),
             audit_dir: config.audit.dir.clone(),
             audit_min_free_bytes: config.audit.min_free_bytes,
             nova_lookup: config
@@ -103,6 +114,7 @@ impl App {
                 .map(crate::nova::lookup::NovaLookup::new)
                 .transpose()?,
             shutting_down: AtomicBool::new(false),
+            clock,
         })
     }
 

@@ -143,7 +143,7 @@ pub fn generate(out: &Path, leaf_days: u32) -> Result<Vec<PathBuf>, DevCertError
         dir: out.to_owned(),
         written: Vec::new(),
     };
-    let now = OffsetDateTime::now_utc();
+    let now = crate::clock::wall_now();
     let long = (now - Duration::days(1), now + Duration::days(3650));
     let leaf_validity = (
         now - Duration::days(1),

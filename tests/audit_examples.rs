@@ -7,6 +7,9 @@
 //! METAPASS_WRITE_AUDIT_EXAMPLES=1 cargo nextest run --test audit_examples
 //! ```
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -68,13 +71,8 @@ async fn live_events() -> Vec<(&'static str, Value)> {
 
     // The guest agent, through the metadata proxy (a trusted peer in the dev config).
     let sig = sign(INSTANCE);
-    let guest = [
-        ("x-instance-id", INSTANCE),
-        ("x-tenant-id", "project-a"),
-        ("x-instance-id-signature", sig.as_str()),
-        ("x-forwarded-for", "10.0.0.42"),
-        CLOUDBASE_INIT,
-    ];
+    let agent = as_instance(INSTANCE, "project-a");
+    let guest = agent.with(&[("x-forwarded-for", "10.0.0.42"), CLOUDBASE_INIT]);
     let guest_path = "/openstack/2013-04-04/password";
     let blob = "c2VhbGVkLWJ5LXRoZS1ndWVzdA==";
     let post = admin.send_h2(Method::POST, guest_path, &guest, blob).await;
@@ -84,12 +82,8 @@ async fn live_events() -> Vec<(&'static str, Value)> {
     assert_eq!(read.status, 200);
     picked.push(("guest-reads-password", read.request_id()));
 
-    let forged = [
-        ("x-instance-id", INSTANCE),
-        ("x-tenant-id", "project-a"),
-        ("x-instance-id-signature", &sig[1..]),
-        CURL,
-    ];
+    let forged_guest = as_instance(INSTANCE, "project-a").signed_with(&sig[1..]);
+    let forged = forged_guest.with(&[CURL]);
     let refused = admin
         .send_h2(Method::GET, "/openstack/latest/password", &forged, "")
         .await;

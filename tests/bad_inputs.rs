@@ -2,6 +2,9 @@
 //! every answer has the expected status and is never a 5xx, every answered request leaves exactly
 //! one audit event, and the daemon stays up with flat memory.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

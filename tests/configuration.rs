@@ -1,6 +1,9 @@
 //! Configuration as operators meet it: policy overrides without recompiling, and files that are
 //! refused at startup with a message naming the file and line.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use common::*;

@@ -3,6 +3,9 @@
 //! separated by exposure, certificates required where it says so, PROXY v2 on the owner API, plain
 //! HTTP only for ops on loopback, and owner-only files without dev mode.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -1,6 +1,9 @@
 //! Identity and TLS operations: instance certificates, the proxy certificate requirement, trusted
 //! proxies and PROXY protocol v2, separate listeners, token binding, and certificate hot reload.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -1,5 +1,8 @@
 //! The instance-facing contract, row by row, over real TLS against the real daemon.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;
@@ -40,12 +43,8 @@ async fn a_posted_password_reads_back_exactly_through_every_version() {
     let post = client.post_password(&id, A, blob).await;
     assert_eq!(post.status, 200, "{}", post.text());
     assert!(post.body.is_empty());
-    let sig = sign(&id);
-    let headers = [
-        ("x-instance-id", id.as_str()),
-        ("x-tenant-id", A),
-        ("x-instance-id-signature", sig.as_str()),
-    ];
+    let guest = as_instance(&id, A);
+    let headers = guest.headers();
     for version in [
         "2013-04-04",
         "2013-10-17",
@@ -83,12 +82,8 @@ async fn old_unknown_versions_and_other_paths_are_404() {
     let daemon = Daemon::start();
     let client = daemon.client();
     let id = registered(&client).await;
-    let sig = sign(&id);
-    let headers = [
-        ("x-instance-id", id.as_str()),
-        ("x-tenant-id", A),
-        ("x-instance-id-signature", sig.as_str()),
-    ];
+    let guest = as_instance(&id, A);
+    let headers = guest.headers();
     for path in [
         "/openstack/2012-08-10/password",
         "/openstack/2013-04-05/password",
@@ -211,11 +206,8 @@ async fn bad_signatures_are_403() {
         String::new(),
         "z".repeat(64),
     ] {
-        let headers = [
-            ("x-instance-id", id.as_str()),
-            ("x-tenant-id", A),
-            ("x-instance-id-signature", bad.as_str()),
-        ];
+        let guest = as_instance(&id, A).signed_with(bad.as_str());
+        let headers = guest.headers();
         let reply = client.get("/openstack/latest/password", &headers).await;
         assert_eq!(reply.status, 403, "{bad:?}");
         let message = reply.error_message();
@@ -275,12 +267,8 @@ async fn other_methods_are_400_with_allow() {
     let daemon = Daemon::start();
     let client = daemon.client();
     let id = registered(&client).await;
-    let sig = sign(&id);
-    let headers = [
-        ("x-instance-id", id.as_str()),
-        ("x-tenant-id", A),
-        ("x-instance-id-signature", sig.as_str()),
-    ];
+    let guest = as_instance(&id, A);
+    let headers = guest.headers();
     for method in [
         Method::PUT,
         Method::DELETE,
@@ -439,13 +427,8 @@ async fn forwarded_for_is_recorded_for_audit_only() {
     let daemon = Daemon::start();
     let client = daemon.client();
     let id = registered(&client).await;
-    let sig = sign(&id);
-    let headers = [
-        ("x-instance-id", id.as_str()),
-        ("x-tenant-id", A),
-        ("x-instance-id-signature", sig.as_str()),
-        ("x-forwarded-for", "10.0.0.5, 192.0.2.1"),
-    ];
+    let guest = as_instance(&id, A);
+    let headers = guest.with(&[("x-forwarded-for", "10.0.0.5, 192.0.2.1")]);
     let reply = client.get("/openstack/latest/password", &headers).await;
     assert_eq!(reply.status, 200);
     let events = daemon.audit_events();
@@ -478,11 +461,8 @@ async fn http2_and_http10_clients_are_served() {
     assert_eq!(raw_status(&out), Some(200));
     assert!(String::from_utf8_lossy(&out).ends_with("\r\n\r\npw"));
 
-    let headers = [
-        ("x-instance-id", id.as_str()),
-        ("x-tenant-id", A),
-        ("x-instance-id-signature", sig.as_str()),
-    ];
+    let guest = as_instance(&id, A);
+    let headers = guest.headers();
     let h2 = client
         .send_h2(Method::GET, "/openstack/latest/password", &headers, "")
         .await;

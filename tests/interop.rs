@@ -1,5 +1,8 @@
 //! Real clients from PyPI against the real daemon (see tests/interop/).
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use common::*;

@@ -3,6 +3,9 @@
 //! environment or a descriptor, and core dumps off while serving. The real daemon over TLS on a
 //! real SQLite file throughout.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,9 @@
 //! Owners with real Keystone tokens: a real Keystone (tests/keystone/keystone-up: SQLite, fernet,
 //! gunicorn over TLS) validates every token metapass has not vouched for recently.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

@@ -3,6 +3,9 @@
 //! sync. They run when `METAPASS_TEST_MYSQL` / `METAPASS_TEST_AMQP` hold URLs (`.ci/run` sets them
 //! when the local servers answer) and say SKIPPED otherwise.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::path::PathBuf;

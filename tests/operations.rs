@@ -1,5 +1,8 @@
 //! Operations: systemd readiness notifications and the store latency metric.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::os::unix::net::UnixDatagram;

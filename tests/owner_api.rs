@@ -1,5 +1,8 @@
 //! The owner-facing compute API and the policy, over real TLS against the real daemon.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use common::*;

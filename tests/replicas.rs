@@ -3,6 +3,9 @@
 //! Runs when `METAPASS_TEST_POSTGRES` holds a connection URL (`.ci/run` sets it); says SKIPPED
 //! otherwise.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::time::Duration;

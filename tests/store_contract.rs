@@ -4,6 +4,9 @@
 //! connection URL (`.ci/run` sets it to the local server); without it each of those tests says
 //! SKIPPED and passes, and `scripts/test-all` says so too.
 
+// Tests and benchmarks measure the real machine: crate::clock's rule is for the service's code.
+#![allow(clippy::disallowed_methods)]
+
 mod common;
 
 use std::sync::Arc;

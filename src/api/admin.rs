@@ -4,8 +4,6 @@
 //! An instance must be registered to its project before it can post a password. Deleting an
 //! instance purges its sealed password with it.
 
-use std::time::Instant;
-
 use http::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -148,7 +146,7 @@ async fn register<B: super::RequestBody>(
 ) -> Result<Response<Body>, ApiError> {
     let deadline = ex
         .deadline
-        .min(Instant::now() + app.limits.body_read_timeout());
+        .min(app.clock.now() + app.limits.body_read_timeout());
     let body = read_limited(body, MAX_REGISTER_BODY, deadline)
         .await
         .inspect_err(|e| ex.facts.body_bytes = e.bytes_read())?;

@@ -44,9 +44,9 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// Facts for a request on this connection.
-    fn facts(&self) -> Facts {
-        let mut facts = Facts::new(self.peer, self.tls_version);
+    /// Facts for a request arriving now (on `clock`) on this connection.
+    fn facts(&self, clock: &crate::clock::Clock) -> Facts {
+        let mut facts = Facts::arrived(self.peer, self.tls_version, clock);
         facts.proxied_by = self.proxied_by;
         facts.listener = self.listener.name.clone();
         facts
@@ -186,7 +186,7 @@ async fn handle<B: RequestBody>(
 
 /// The exchange of a request that just arrived: the facts its event begins with.
 fn begin<B>(app: &App, conn: Arc<ConnInfo>, req: &Request<B>) -> Exchange {
-    let mut facts = conn.facts();
+    let mut facts = conn.facts(&app.clock);
     if let Some(cert) = &conn.client_cert {
         facts.client_certificate = Some(
             app.auditor
@@ -312,7 +312,7 @@ pub async fn audit_unparsed_request(
     status: StatusCode,
     reason: Reason,
 ) {
-    let mut facts = conn.facts();
+    let mut facts = conn.facts(&app.clock);
     facts.operation = "http:unparsed";
     facts.reason = reason;
     facts.detail = Some(format!("hyper answered {status} before routing"));

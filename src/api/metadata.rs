@@ -4,8 +4,6 @@
 //! them: the proxy passes only 200, 400, 403, 404, 409, 500, 502, 503 and 504 through, so a wrong
 //! method is a 400 (not 405) and a rate limit a 503 (not 429). See the shared `CONTRACT.md`.
 
-use std::time::Instant;
-
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
@@ -365,7 +363,7 @@ async fn post_password<B: super::RequestBody>(
 
     let body_deadline = ex
         .deadline
-        .min(Instant::now() + app.limits.body_read_timeout());
+        .min(app.clock.now() + app.limits.body_read_timeout());
     let body = read_limited(body, MAX_PLAINTEXT_LEN, body_deadline)
         .await
         .inspect_err(|e| ex.facts.body_bytes = e.bytes_read())?;

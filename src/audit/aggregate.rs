@@ -16,7 +16,9 @@ use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
+
+use crate::clock::Clock;
 
 use super::event::{Aggregate, Facts};
 
@@ -39,6 +41,7 @@ struct Pending {
 pub struct Refusals {
     max_sources: usize,
     pending: Mutex<HashMap<Option<IpAddr>, Pending>>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Refusals {
@@ -50,10 +53,11 @@ impl std::fmt::Debug for Refusals {
 impl Refusals {
     /// At most `max_sources` sources gathered at once; the rest share one entry (source
     /// unknown in its event, never lost from the count).
-    pub fn new(max_sources: usize) -> Self {
+    pub fn new(max_sources: usize, clock: Clock) -> Self {
         Self {
             max_sources: max_sources.max(1),
             pending: Mutex::default(),
+            clock,
         }
     }
 
@@ -67,7 +71,7 @@ impl Refusals {
         let entry = pending.entry(key).or_insert_with(|| Pending {
             first: facts.clone(),
             status,
-            since: Instant::now(),
+            since: self.clock.now(),
             count: 0,
             ids: Vec::new(),
         });
@@ -81,9 +85,10 @@ impl Refusals {
     /// Each comes as facts ready to encode, with the status the refused requests got.
     pub fn take_due(&self, all: bool) -> Vec<(Facts, u16)> {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.clock.now();
         let due: Vec<Option<IpAddr>> = pending
             .iter()
-            .filter(|(_, p)| all || p.since.elapsed() >= WINDOW)
+            .filter(|(_, p)| all || now.duration_since(p.since) >= WINDOW)
             .map(|(k, _)| *k)
             .collect();
         due.into_iter()
@@ -92,7 +97,7 @@ impl Refusals {
                 let mut facts = p.first;
                 facts.request_id = crate::ids::RequestId::new();
                 facts.operation = "rate_limit:aggregate";
-                facts.started = std::time::Instant::now();
+                facts.started = now;
                 if key.is_none() {
                     facts.client = std::net::IpAddr::from([0, 0, 0, 0]);
                 }
@@ -123,9 +128,10 @@ mod tests {
         Facts::new(std::net::SocketAddr::from((ip, 4000)), None)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn one_event_per_source_and_window_with_an_exact_count() {
-        let r = Refusals::new(2);
+    #[test]
+    fn one_event_per_source_and_window_with_an_exact_count() {
+        let clock = Clock::manual();
+        let r = Refusals::new(2, clock.clone());
         let first = refused([10, 0, 0, 1]);
         r.add(&first, 503);
         for _ in 0..99 {
@@ -135,7 +141,7 @@ mod tests {
         // Past the tracking bound: gathered under an unknown source, still counted.
         r.add(&refused([10, 0, 0, 3]), 429);
         assert!(r.take_due(false).is_empty(), "the window is still open");
-        tokio::time::advance(WINDOW).await;
+        clock.advance(WINDOW);
         let mut due = r.take_due(false);
         due.sort_by_key(|(f, _)| f.client);
         assert_eq!(due.len(), 3);

@@ -414,12 +414,21 @@ impl Facts {
         facts
     }
 
-    /// Facts for a request that just arrived.
+    /// Facts for a request that just arrived, on the system clock.
     pub fn new(peer: SocketAddr, tls_version: Option<&'static str>) -> Self {
+        Self::arrived(peer, tls_version, &crate::clock::Clock::system())
+    }
+
+    /// Facts for a request that arrived now on `clock`.
+    pub fn arrived(
+        peer: SocketAddr,
+        tls_version: Option<&'static str>,
+        clock: &crate::clock::Clock,
+    ) -> Self {
         Self {
             request_id: RequestId::new(),
-            received_at: OffsetDateTime::now_utc(),
-            started: Instant::now(),
+            received_at: clock.now_utc(),
+            started: clock.now(),
             peer,
             proxied_by: None,
             client: peer.ip(),

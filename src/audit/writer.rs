@@ -140,7 +140,7 @@ struct WriterHealth {
 
 impl WriterHealth {
     fn now_ms(&self) -> u64 {
-        let epoch = self.epoch.get_or_init(Instant::now);
+        let epoch = self.epoch.get_or_init(crate::clock::io_now);
         u64::try_from(epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .max(1)
@@ -226,7 +226,7 @@ impl Auditor {
             lost: None,
             segment,
             unsealed: 0,
-            last_checkpoint: Instant::now(),
+            last_checkpoint: crate::clock::io_now(),
             sync: config.sync,
             max_file_bytes: config.max_file_bytes,
             keys: keys.clone(),
@@ -291,7 +291,7 @@ impl Auditor {
         };
         AuditTicket {
             ack,
-            deadline: tokio::time::Instant::now() + self.ack_timeout,
+            deadline: crate::clock::io_now_tokio() + self.ack_timeout,
         }
     }
 
@@ -305,7 +305,7 @@ impl Auditor {
             ack,
         };
         // One deadline for the wait for queue space and for the acknowledgement together.
-        let deadline = tokio::time::Instant::now() + self.ack_timeout;
+        let deadline = crate::clock::io_now_tokio() + self.ack_timeout;
         match tokio::time::timeout_at(deadline, self.tx.send(item)).await {
             Ok(Ok(())) => {}
             Err(_) => return Err(AuditError::QueueFull),
@@ -335,7 +335,7 @@ impl Auditor {
             .map_err(|_| AuditError::Stopped)?;
         AuditTicket {
             ack: Ok(rx),
-            deadline: tokio::time::Instant::now() + self.ack_timeout,
+            deadline: crate::clock::io_now_tokio() + self.ack_timeout,
         }
         .wait()
         .await
@@ -359,7 +359,7 @@ impl Auditor {
         }
         AuditTicket {
             ack: Ok(rx),
-            deadline: tokio::time::Instant::now() + self.ack_timeout,
+            deadline: crate::clock::io_now_tokio() + self.ack_timeout,
         }
         .wait()
         .await
@@ -648,7 +648,7 @@ impl Writer {
             self.segment = Segment::default();
             self.seal(&line);
             self.unsealed = 0;
-            self.last_checkpoint = Instant::now();
+            self.last_checkpoint = crate::clock::io_now();
             events += 1;
         }
         // Written into a file that was unlinked meanwhile is not written: checked again after.
@@ -704,7 +704,7 @@ impl Writer {
         }
         let due = must_sync || self.unsynced_bytes >= WRITE_MODE_SYNC_BYTES;
         if due && self.unsynced {
-            let started = Instant::now();
+            let started = crate::clock::io_now();
             file.sync_data()?;
             self.metrics
                 .fsync_seconds
@@ -793,7 +793,7 @@ impl Writer {
     }
 
     fn open_new_file(&mut self, first_seq: u64) -> io::Result<()> {
-        let created_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let created_ms = crate::clock::wall_now().unix_timestamp_nanos() / 1_000_000;
         for bump in 0..1000i128 {
             let name = format!("audit-{first_seq:020}-{:015}.jsonl", created_ms + bump);
             let path = self.dir.join(name);
@@ -864,11 +864,11 @@ mod tests {
         let (_writer_never_answers, rx) = oneshot::channel::<Result<Option<Written>, AuditError>>();
         let ticket = AuditTicket {
             ack: Ok(rx),
-            deadline: tokio::time::Instant::now() + Duration::from_secs(5),
+            deadline: crate::clock::io_now_tokio() + Duration::from_secs(5),
         };
         // Awaited late (after other tickets of its batch): it does not get another 5 s.
         tokio::time::advance(Duration::from_secs(4)).await;
-        let waited = tokio::time::Instant::now();
+        let waited = crate::clock::io_now_tokio();
         assert!(matches!(ticket.wait().await, Err(AuditError::Timeout)));
         assert_eq!(waited.elapsed(), Duration::from_secs(1));
     }

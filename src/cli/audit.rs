@@ -280,7 +280,7 @@ pub(crate) fn log_dir(log: &LogLocation) -> Result<PathBuf, String> {
 
 pub(crate) fn filter_from(f: EventFilter) -> Result<review::Filter, String> {
     let since = match &f.since {
-        Some(text) => Some(review::parse_since(text, time::OffsetDateTime::now_utc())?),
+        Some(text) => Some(review::parse_since(text, crate::clock::wall_now())?),
         None => None,
     };
     Ok(review::Filter {

@@ -29,8 +29,10 @@ use hyper_util::rt::TokioExecutor;
 use ring::hmac;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use std::time::Instant;
 use time::OffsetDateTime;
-use tokio::time::Instant;
+
+use crate::clock::Clock;
 
 use crate::ids::ProjectId;
 
@@ -155,6 +157,7 @@ pub struct Keystone {
     service_token: tokio::sync::Mutex<Option<ServiceToken>>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
     cache_key: hmac::Key,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Keystone {
@@ -171,7 +174,7 @@ fn unavailable(what: impl std::fmt::Display) -> KeystoneError {
 
 impl Keystone {
     /// A validator for `settings` (reads the CA file; makes no request yet).
-    pub fn new(settings: KeystoneSettings) -> Result<Self, String> {
+    pub fn new(settings: KeystoneSettings, clock: Clock) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
         match &settings.ca_file {
             Some(ca) => {
@@ -217,6 +220,7 @@ impl Keystone {
             service_token: tokio::sync::Mutex::new(None),
             cache: Mutex::new(HashMap::new()),
             cache_key,
+            clock,
         })
     }
 
@@ -225,13 +229,13 @@ impl Keystone {
     pub async fn validate(
         &self,
         token: &SecretString,
-        deadline: Instant,
+        deadline: tokio::time::Instant,
     ) -> Result<Arc<KeystoneIdentity>, KeystoneError> {
         let key = self.cache_key_of(token);
         if let Some(identity) = self.cached(&key) {
             return Ok(identity);
         }
-        let deadline = deadline.min(Instant::now() + self.settings.timeout);
+        let deadline = deadline.min(crate::clock::io_now_tokio() + self.settings.timeout);
         let identity = tokio::time::timeout_at(deadline, self.ask_keystone(token))
             .await
             .map_err(|_| unavailable("no answer in time"))??;
@@ -250,12 +254,12 @@ impl Keystone {
     fn cached(&self, key: &[u8; 32]) -> Option<Arc<KeystoneIdentity>> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let entry = cache.get(key)?;
-        (entry.valid_until > Instant::now()).then(|| entry.identity.clone())
+        (entry.valid_until > self.clock.now()).then(|| entry.identity.clone())
     }
 
     fn remember(&self, key: [u8; 32], identity: Arc<KeystoneIdentity>) {
-        let now = Instant::now();
-        let left = identity.expires_at - OffsetDateTime::now_utc();
+        let now = self.clock.now();
+        let left = identity.expires_at - self.clock.now_utc();
         let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
         let valid_until = now + self.settings.cache_ttl.min(left);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -310,7 +314,7 @@ impl Keystone {
                 .map_err(unavailable)?;
             let (status, _, body) = self.call(request).await?;
             match status {
-                StatusCode::OK => return identity_from(&body),
+                StatusCode::OK => return identity_from(&body, self.clock.now_utc()),
                 StatusCode::NOT_FOUND => {
                     return Err(KeystoneError::Invalid("The token is not valid."));
                 }
@@ -360,7 +364,7 @@ impl Keystone {
         let mut held = self.service_token.lock().await;
         if let Some(current) = held.as_ref()
             && !renew
-            && current.renew_at > Instant::now()
+            && current.renew_at > self.clock.now()
         {
             return Ok(current.token.clone());
         }
@@ -386,8 +390,8 @@ impl Keystone {
             .map_err(|_| unavailable("Keystone's service token document did not parse"))?;
         let expires = parse_time(&document.token.expires_at)
             .ok_or_else(|| unavailable("Keystone's service token has no valid expiry"))?;
-        let left = Duration::try_from(expires - OffsetDateTime::now_utc()).unwrap_or_default();
-        let renew_at = Instant::now() + left.saturating_sub(SERVICE_TOKEN_MARGIN);
+        let left = Duration::try_from(expires - self.clock.now_utc()).unwrap_or_default();
+        let renew_at = self.clock.now() + left.saturating_sub(SERVICE_TOKEN_MARGIN);
         *held = Some(ServiceToken {
             token: token.clone(),
             renew_at,
@@ -431,13 +435,13 @@ fn parse_time(text: &str) -> Option<OffsetDateTime> {
 }
 
 /// Reads a validated token's document.
-fn identity_from(body: &[u8]) -> Result<KeystoneIdentity, KeystoneError> {
+fn identity_from(body: &[u8], now: OffsetDateTime) -> Result<KeystoneIdentity, KeystoneError> {
     let document: TokenDocument = serde_json::from_slice(body)
         .map_err(|_| unavailable("Keystone's token document did not parse"))?;
     let token = document.token;
     let expires_at = parse_time(&token.expires_at)
         .ok_or_else(|| unavailable("Keystone's token document has no valid expiry"))?;
-    if expires_at <= OffsetDateTime::now_utc() {
+    if expires_at <= now {
         return Err(KeystoneError::Invalid("The token has expired."));
     }
     let user = token
@@ -480,41 +484,49 @@ mod tests {
 
     #[test]
     fn a_token_document_becomes_an_identity() {
-        let id = identity_from(&document("2999-01-01T00:00:00.000000Z", true)).unwrap();
+        let id = identity_from(
+            &document("2999-01-01T00:00:00.000000Z", true),
+            crate::clock::wall_now(),
+        )
+        .unwrap();
         assert_eq!(id.user_id, "u1");
         assert_eq!(id.user_name, "alice");
         assert_eq!(id.project_id.as_str(), "0123abcd");
         assert_eq!(id.roles, ["member", "reader"]);
     }
 
-    fn keystone(max: usize, ttl: Duration) -> Keystone {
-        Keystone::new(KeystoneSettings {
-            auth_url: url::Url::parse("https://keystone.invalid:5000").unwrap(),
-            credentials: ServiceCredentials::ApplicationCredential {
-                id: "id".into(),
-                secret: SecretString::from("secret"),
+    fn keystone(max: usize, ttl: Duration, clock: &Clock) -> Keystone {
+        Keystone::new(
+            KeystoneSettings {
+                auth_url: url::Url::parse("https://keystone.invalid:5000").unwrap(),
+                credentials: ServiceCredentials::ApplicationCredential {
+                    id: "id".into(),
+                    secret: SecretString::from("secret"),
+                },
+                ca_file: None,
+                cache_ttl: ttl,
+                max_cached_tokens: max,
+                timeout: Duration::from_secs(1),
             },
-            ca_file: None,
-            cache_ttl: ttl,
-            max_cached_tokens: max,
-            timeout: Duration::from_secs(1),
-        })
+            clock.clone(),
+        )
         .unwrap()
     }
 
-    fn identity(expires_in: time::Duration) -> Arc<KeystoneIdentity> {
+    fn identity(clock: &Clock, expires_in: time::Duration) -> Arc<KeystoneIdentity> {
         Arc::new(KeystoneIdentity {
             user_id: "u".into(),
             user_name: "alice".into(),
             project_id: ProjectId::parse("p").unwrap(),
             roles: vec!["member".into()],
-            expires_at: OffsetDateTime::now_utc() + expires_in,
+            expires_at: clock.now_utc() + expires_in,
         })
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_cache_is_bounded_keyed_by_hmac_and_never_outlives_a_token() {
-        let ks = keystone(2, Duration::from_secs(300));
+    #[test]
+    fn the_cache_is_bounded_keyed_by_hmac_and_never_outlives_a_token() {
+        let clock = Clock::manual();
+        let ks = keystone(2, Duration::from_secs(300), &clock);
         let token = |t: &str| SecretString::from(t.to_owned());
         let (a, b, c) = (token("a"), token("b"), token("c"));
         assert_ne!(ks.cache_key_of(&a), ks.cache_key_of(&b));
@@ -525,17 +537,26 @@ mod tests {
                 .as_ref()
                 .to_vec()
         );
-        ks.remember(ks.cache_key_of(&a), identity(time::Duration::hours(1)));
+        ks.remember(
+            ks.cache_key_of(&a),
+            identity(&clock, time::Duration::hours(1)),
+        );
         // b's token expires in 10 s: cached for 10 s, not the 300 s TTL.
-        ks.remember(ks.cache_key_of(&b), identity(time::Duration::seconds(10)));
+        ks.remember(
+            ks.cache_key_of(&b),
+            identity(&clock, time::Duration::seconds(10)),
+        );
         assert_eq!(ks.cached_tokens(), 2);
         // Full: the entry nearest its end (b) makes room for c.
-        ks.remember(ks.cache_key_of(&c), identity(time::Duration::hours(1)));
+        ks.remember(
+            ks.cache_key_of(&c),
+            identity(&clock, time::Duration::hours(1)),
+        );
         assert_eq!(ks.cached_tokens(), 2);
         assert!(ks.cached(&ks.cache_key_of(&a)).is_some());
         assert!(ks.cached(&ks.cache_key_of(&b)).is_none());
         assert!(ks.cached(&ks.cache_key_of(&c)).is_some());
-        tokio::time::advance(Duration::from_secs(301)).await;
+        clock.advance(Duration::from_secs(301));
         assert!(
             ks.cached(&ks.cache_key_of(&a)).is_none(),
             "the TTL bounds every entry"
@@ -545,15 +566,21 @@ mod tests {
     #[test]
     fn expired_unscoped_and_malformed_documents_are_refused() {
         assert_eq!(
-            identity_from(&document("2000-01-01T00:00:00Z", true)),
+            identity_from(
+                &document("2000-01-01T00:00:00Z", true),
+                crate::clock::wall_now()
+            ),
             Err(KeystoneError::Invalid("The token has expired."))
         );
         assert_eq!(
-            identity_from(&document("2999-01-01T00:00:00Z", false)),
+            identity_from(
+                &document("2999-01-01T00:00:00Z", false),
+                crate::clock::wall_now()
+            ),
             Err(KeystoneError::NotProjectScoped)
         );
         assert!(matches!(
-            identity_from(b"{\"token\": 1}"),
+            identity_from(b"{\"token\": 1}", crate::clock::wall_now()),
             Err(KeystoneError::Unavailable(_))
         ));
     }

@@ -126,7 +126,7 @@ pub struct KeyringFile {
 }
 
 fn today() -> String {
-    time::OffsetDateTime::now_utc().date().to_string()
+    crate::clock::wall_now().date().to_string()
 }
 
 /// A TOML error in a file that holds secrets, said without quoting the file: the line number and,

@@ -243,7 +243,7 @@ pub async fn run(app: Arc<App>, endpoints: Vec<Endpoint>, shutdown: impl Future<
     shutdown.await;
     let _ = stop.send(true);
     while loops.join_next().await.is_some() {}
-    let deadline = Instant::now() + DRAIN_DEADLINE;
+    let deadline = crate::clock::io_now_tokio() + DRAIN_DEADLINE;
     futures_util::future::join_all(registries.iter().map(|r| r.drain(deadline))).await;
     if registries.iter().all(|r| r.is_empty()) {
         tracing::info!("all connections drained");
@@ -320,7 +320,8 @@ async fn connection(
     // handshake too; the handshake alone also has its own (shorter by default) bound.
     let first_request_by =
         state.accepted() + listener.registry.scaled(limits.first_request_timeout());
-    let handshake_by = first_request_by.min(Instant::now() + limits.tls_handshake_timeout());
+    let handshake_by =
+        first_request_by.min(crate::clock::io_now_tokio() + limits.tls_handshake_timeout());
     let mut proxied_by = None;
     if config.proxy_protocol {
         // Only a trusted proxy may say who the client is.
@@ -461,15 +462,15 @@ async fn serve<I>(
             result = connection.as_mut() => break result,
             () = state.shed_requested(), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = Some((Closing::Asked, Instant::now() + CLOSE_GRACE));
+                closing = Some((Closing::Asked, crate::clock::io_now_tokio() + CLOSE_GRACE));
             }
             _ = stopping.changed(), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = Some((Closing::Asked, Instant::now() + DRAIN_DEADLINE));
+                closing = Some((Closing::Asked, crate::clock::io_now_tokio() + DRAIN_DEADLINE));
             }
             _ = tick.tick() => {
                 if let Some((why, by)) = closing {
-                    if Instant::now() >= by {
+                    if crate::clock::io_now_tokio() >= by {
                         tracing::debug!(peer = %conn.peer, ?why, "connection dropped after its grace period");
                         break Ok(());
                     }
@@ -486,7 +487,7 @@ async fn serve<I>(
                 if state.waiting_since().elapsed() >= listener.registry.scaled(limit) {
                     shared.app.metrics.connections_timed_out.inc();
                     connection.as_mut().graceful_shutdown();
-                    closing = Some((why, Instant::now() + CLOSE_GRACE));
+                    closing = Some((why, crate::clock::io_now_tokio() + CLOSE_GRACE));
                 }
             }
         }

@@ -196,7 +196,7 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let state = Arc::new(ConnState {
             id,
-            accepted: Instant::now(),
+            accepted: crate::clock::io_now_tokio(),
             active: AtomicUsize::new(0),
             served: AtomicU64::new(0),
             last_done_ms: AtomicU64::new(0),

@@ -43,7 +43,7 @@ pub const PASSWORD_CHUNK_PREFIX: &str = "password_";
 
 /// Now, in Unix seconds, as the backends store timestamps.
 pub(crate) fn now_unix() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
+    crate::clock::wall_now().unix_timestamp()
 }
 
 /// A record version (or a count) read from a database integer column.
@@ -348,7 +348,7 @@ pub fn request_deadline() -> Option<tokio::time::Instant> {
 /// operation starts.
 pub fn check_deadline() -> Result<(), StoreError> {
     match request_deadline() {
-        Some(d) if tokio::time::Instant::now() >= d => Err(StoreError::DeadlinePassed),
+        Some(d) if crate::clock::io_now_tokio() >= d => Err(StoreError::DeadlinePassed),
         _ => Ok(()),
     }
 }
@@ -520,7 +520,7 @@ impl Backend {
 /// Forwards a [`Store`] call to whichever backend is configured, timing it.
 macro_rules! delegate {
     ($self:ident . $method:ident ( $($arg:expr),* )) => {{
-        let started = Instant::now();
+        let started = crate::clock::io_now();
         let result = match &$self.engine {
             Engine::Sqlite(s) => s.$method($($arg),*).await,
             Engine::Postgres(s) => s.$method($($arg),*).await,

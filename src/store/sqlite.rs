@@ -339,7 +339,7 @@ fn writer_loop(
             }
         }
         // No job starts after its request's deadline (it waited behind a slow batch).
-        let now = tokio::time::Instant::now();
+        let now = crate::clock::io_now_tokio();
         let (late, batch): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|job| job.deadline().is_some_and(|d| now >= d));
@@ -1119,7 +1119,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let ack_timeout = Duration::from_millis(500);
-        let started = std::time::Instant::now();
+        let started = crate::clock::io_now();
         let jobs: Vec<_> = (0..20)
             .map(|_| {
                 let (store, project) = (store.clone(), project.clone());
@@ -1157,7 +1157,7 @@ mod tests {
         let store = SqliteStore::open(&dir.path().join("db.sqlite3")).unwrap();
         let project = ProjectId::parse("project-a").unwrap();
         let id = InstanceId::parse(&uuid::Uuid::new_v4().to_string()).unwrap();
-        let past = tokio::time::Instant::now() - Duration::from_millis(1);
+        let past = crate::clock::io_now_tokio() - Duration::from_millis(1);
         let gate_called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let called = gate_called.clone();
         let gate: Gate<_> = Box::new(move |_| {
