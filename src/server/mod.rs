@@ -273,7 +273,7 @@ async fn accept_loop(
             _ = stopped.changed() => return,
         };
         shared.app.metrics.connections.inc();
-        let admitted = match listener.registry.admit() {
+        let admitted = match listener.registry.admit(peer.ip()) {
             Admission::Admitted(a) => a,
             Admission::Shed(a) => {
                 shared.app.metrics.connections_shed.inc();

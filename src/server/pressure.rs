@@ -2,14 +2,18 @@
 //!
 //! A listener holds at most `cap` connections (so the instance network cannot exhaust the admin,
 //! compute or ops listeners). When it is full, a new connection still gets in by shedding one
-//! that is doing nothing for anyone: first the oldest that has not completed a request yet (a
-//! silent or slow client: it has cost the most and given the least), then the one idle longest
-//! between keep-alive requests. A connection with a request in flight is never shed; when every
+//! that is doing nothing for anyone: first one that has not completed a request yet (a silent or
+//! slow client: it has cost the most and given the least), then the one idle longest between
+//! keep-alive requests; among those, one from the source holding the most connections, then the
+//! oldest. A flood from a few addresses thus sheds its own connections, not the one a lone
+//! client opened a moment ago and is still completing its handshake on. A connection with a request in flight is never shed; when every
 //! connection has one, the newcomer is refused (closed at once). As the listener fills, the
 //! first-request and idle timeouts shorten (see [`Registry::scaled`]), as nginx and Envoy's
 //! overload manager do.
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -24,6 +28,8 @@ const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct ConnState {
     id: u64,
+    /// The TCP peer's address (the load balancer's, behind a PROXY-protocol one).
+    source: IpAddr,
     accepted: Instant,
     /// Requests in flight.
     active: AtomicUsize,
@@ -176,15 +182,27 @@ impl Registry {
     }
 
     /// Admits a new connection, shedding one that serves nobody if the listener is full.
-    pub fn admit(self: &Arc<Self>) -> Admission {
+    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Admission {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         // Connections already asked to give way are on their way out and do not count.
         let holding = live.values().filter(|c| !c.is_shed()).count();
         let mut shed = false;
         if holding >= self.cap {
+            let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+            for c in live.values().filter(|c| !c.is_shed()) {
+                *per_source.entry(c.source).or_default() += 1;
+            }
             let idle = live.values().filter(|c| !c.is_shed() && c.active() == 0);
-            // Never served before ever served; then the longest waiting.
-            let victim = idle.min_by_key(|c| (c.served() > 0, c.waiting_since(), c.id));
+            // Never served before ever served; then the source holding the most; then the
+            // longest waiting.
+            let victim = idle.min_by_key(|c| {
+                (
+                    c.served() > 0,
+                    Reverse(per_source.get(&c.source).copied().unwrap_or(0)),
+                    c.waiting_since(),
+                    c.id,
+                )
+            });
             match victim {
                 Some(victim) => {
                     victim.shed();
@@ -196,6 +214,7 @@ impl Registry {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let state = Arc::new(ConnState {
             id,
+            source,
             accepted: crate::clock::io_now_tokio(),
             active: AtomicUsize::new(0),
             served: AtomicU64::new(0),
@@ -252,6 +271,8 @@ impl Registry {
 mod tests {
     use super::*;
 
+    const ONE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
     fn admitted(a: Admission) -> Admitted {
         match a {
             Admission::Admitted(a) | Admission::Shed(a) => a,
@@ -262,29 +283,29 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_listener_sheds_the_oldest_silent_connection_first() {
         let r = Registry::new(3);
-        let served = admitted(r.admit());
+        let served = admitted(r.admit(ONE));
         served.state.request_started();
         served.state.request_finished();
         tokio::time::advance(Duration::from_secs(1)).await;
-        let silent_old = admitted(r.admit());
+        let silent_old = admitted(r.admit(ONE));
         tokio::time::advance(Duration::from_secs(1)).await;
-        let silent_new = admitted(r.admit());
+        let silent_new = admitted(r.admit(ONE));
         // Full: the oldest connection that never completed a request gives way.
-        let Admission::Shed(fourth) = r.admit() else {
+        let Admission::Shed(fourth) = r.admit(ONE) else {
             panic!("expected a shed")
         };
         assert!(silent_old.state.is_shed());
         assert!(!silent_new.state.is_shed() && !served.state.is_shed());
         drop(silent_old);
         // Then the other silent one, then the idle keep-alive connection.
-        assert!(matches!(r.admit(), Admission::Shed(_)));
+        assert!(matches!(r.admit(ONE), Admission::Shed(_)));
         assert!(silent_new.state.is_shed());
         drop(silent_new);
         // Full again with two busy connections: the idle keep-alive one gives way.
         fourth.state.request_started();
-        let busy = admitted(r.admit());
+        let busy = admitted(r.admit(ONE));
         busy.state.request_started();
-        assert!(matches!(r.admit(), Admission::Shed(_)));
+        assert!(matches!(r.admit(ONE), Admission::Shed(_)));
         assert!(
             served.state.is_shed(),
             "idle keep-alive goes before busy ones"
@@ -295,15 +316,38 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn connections_with_requests_in_flight_are_never_shed() {
         let r = Registry::new(2);
-        let a = admitted(r.admit());
-        let b = admitted(r.admit());
+        let a = admitted(r.admit(ONE));
+        let b = admitted(r.admit(ONE));
         a.state.request_started();
         b.state.request_started();
-        assert!(matches!(r.admit(), Admission::Full));
+        assert!(matches!(r.admit(ONE), Admission::Full));
         assert!(!a.state.is_shed() && !b.state.is_shed());
         b.state.request_finished();
-        assert!(matches!(r.admit(), Admission::Shed(_)));
+        assert!(matches!(r.admit(ONE), Admission::Shed(_)));
         assert!(b.state.is_shed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_from_few_sources_sheds_its_own_connections_first() {
+        let r = Registry::new(4);
+        let flood = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 66));
+        let lone = admitted(r.admit(ONE));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut attackers: Vec<Admitted> = (0..3).map(|_| admitted(r.admit(flood))).collect();
+        // Full. The lone client's connection is the oldest that never served, but the flood's
+        // source holds three: one of those gives way, for as long as it holds the most.
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            let Admission::Shed(newcomer) = r.admit(flood) else {
+                panic!("expected a shed")
+            };
+            assert!(
+                !lone.state.is_shed(),
+                "the lone client keeps its connection"
+            );
+            attackers.retain(|a| !a.state.is_shed());
+            attackers.push(newcomer);
+        }
     }
 
     #[test]
@@ -312,11 +356,11 @@ mod tests {
         let base = Duration::from_secs(10);
         let mut held = Vec::new();
         for _ in 0..5 {
-            held.push(r.admit());
+            held.push(r.admit(ONE));
         }
         assert_eq!(r.scaled(base), base, "half full: unchanged");
         for _ in 0..5 {
-            held.push(r.admit());
+            held.push(r.admit(ONE));
         }
         assert_eq!(r.scaled(base), Duration::from_secs(1), "full: a tenth");
         assert_eq!(
