@@ -16,6 +16,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::identity::{Role, holds};
+use crate::ids::{InstanceId, ProjectId};
 
 /// An action the policy decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
@@ -204,12 +205,12 @@ pub enum Principal<'a> {
     /// A verified instance.
     Instance {
         /// Its id.
-        instance_id: &'a str,
+        instance_id: &'a InstanceId,
     },
     /// A verified token.
     Token {
         /// Its project.
-        project: &'a str,
+        project: &'a ProjectId,
         /// Its roles.
         roles: &'a [Role],
     },
@@ -218,10 +219,10 @@ pub enum Principal<'a> {
 /// What the action is applied to.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
-    /// The target instance.
-    pub instance_id: &'a str,
+    /// The target instance (`None` for an action on no instance: the key endpoints).
+    pub instance_id: Option<&'a InstanceId>,
     /// Its project, if it exists; `None` for an instance that does not (yet) exist.
-    pub project: Option<&'a str>,
+    pub project: Option<&'a ProjectId>,
 }
 
 /// How a request is refused, so that callers never learn about other projects' instances.
@@ -374,7 +375,7 @@ impl Policy {
                 .any(|g| matches!(g, Grant::Role { role, .. } if holds(roles, *role))),
         };
         let visible = match principal {
-            Principal::Instance { instance_id } => instance_id == target.instance_id,
+            Principal::Instance { instance_id } => Some(instance_id) == target.instance_id,
             Principal::Token { project, roles } => {
                 target.project == Some(project)
                     || self.rules.values().flatten().any(|g| {
@@ -396,7 +397,9 @@ impl Policy {
 
 fn grant_matches(grant: Grant, principal: Principal<'_>, target: Target<'_>) -> bool {
     match (grant, principal) {
-        (Grant::Instance, Principal::Instance { instance_id }) => instance_id == target.instance_id,
+        (Grant::Instance, Principal::Instance { instance_id }) => {
+            Some(instance_id) == target.instance_id
+        }
         (Grant::Role { role, scope }, Principal::Token { project, roles }) => {
             holds(roles, role)
                 && match scope {
@@ -424,17 +427,29 @@ mod tests {
     const I: &str = "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90";
     const J: &str = "00000000-0000-4000-8000-000000000000";
 
-    fn target(project: &str) -> Target<'_> {
+    /// Identifiers that live for the test (leaked: a test process is short).
+    fn iid(id: &str) -> &'static InstanceId {
+        Box::leak(Box::new(InstanceId::parse(id).unwrap()))
+    }
+
+    fn pid(project: &str) -> &'static ProjectId {
+        Box::leak(Box::new(ProjectId::parse(project).unwrap()))
+    }
+
+    fn target(project: &str) -> Target<'static> {
         Target {
-            instance_id: I,
-            project: Some(project),
+            instance_id: Some(iid(I)),
+            project: Some(pid(project)),
         }
     }
 
     #[test]
     fn nova_defaults() {
         let p = Policy::nova_defaults();
-        let tok = |project, roles| Principal::Token { project, roles };
+        let tok = |project, roles| Principal::Token {
+            project: pid(project),
+            roles,
+        };
         let a = target("project-a");
         let get = |who| p.decide(who, Action::PasswordGet, a).refusal;
         let clear = |who| p.decide(who, Action::PasswordClear, a).refusal;
@@ -451,13 +466,22 @@ mod tests {
             clear(tok("project-b", &[Member])),
             Some(Refusal::NotVisible)
         );
-        assert_eq!(get(Principal::Instance { instance_id: I }), None);
         assert_eq!(
-            get(Principal::Instance { instance_id: J }),
+            get(Principal::Instance {
+                instance_id: iid(I)
+            }),
+            None
+        );
+        assert_eq!(
+            get(Principal::Instance {
+                instance_id: iid(J)
+            }),
             Some(Refusal::NotVisible)
         );
         let set = p.decide(
-            Principal::Instance { instance_id: I },
+            Principal::Instance {
+                instance_id: iid(I),
+            },
             Action::PasswordSet,
             a,
         );
@@ -471,7 +495,7 @@ mod tests {
         // A role that can never do the action is refused with 403 whatever the target, which
         // tells nothing about the target.
         let missing = Target {
-            instance_id: I,
+            instance_id: Some(iid(I)),
             project: None,
         };
         for t in [missing, a, target("project-b")] {
@@ -495,7 +519,9 @@ mod tests {
         );
         assert_eq!(
             p.decide(
-                Principal::Instance { instance_id: I },
+                Principal::Instance {
+                    instance_id: iid(I)
+                },
                 Action::PasswordClear,
                 a
             )
@@ -514,7 +540,7 @@ mod tests {
         )
         .unwrap();
         let reader = Principal::Token {
-            project: "project-a",
+            project: pid("project-a"),
             roles: &[Reader],
         };
         assert_eq!(
@@ -540,7 +566,7 @@ mod tests {
         )
         .unwrap();
         let who = |roles: &'static [crate::identity::Role]| Principal::Token {
-            project: "project-a",
+            project: pid("project-a"),
             roles,
         };
         let a = target("project-a");

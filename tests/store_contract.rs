@@ -200,7 +200,7 @@ async fn read(store: &Backend, ring: &Keyring, id: &InstanceId) -> Option<Vec<u8
     }
     let joined = chunks::join(PASSWORD_FIELD, &record.chunks).expect("chunks join");
     let binding = RecordBinding {
-        project_id: &record.instance.project_id,
+        project_id: record.instance.project_id.as_str(),
         instance_id: id.as_str(),
         field: PASSWORD_FIELD,
         version: record.instance.password_version,
@@ -231,7 +231,7 @@ async fn registration_is_idempotent_per_project(f: &Fixture) {
         .await;
     assert_eq!(other.unwrap(), RegisterOutcome::OwnedByOther);
     let record = store.instance(&id).await.unwrap().unwrap();
-    assert_eq!(record.project_id, "project-a");
+    assert_eq!(record.project_id.as_str(), "project-a");
     assert!(!record.password_set);
     assert!(store.instance(&new_id()).await.unwrap().is_none());
     store.ping().await.unwrap();
@@ -271,7 +271,13 @@ async fn a_deleted_id_is_not_given_to_another_project_without_an_operator(f: &Fi
         RegisterOutcome::Created
     );
     assert_eq!(
-        store.instance(&id).await.unwrap().unwrap().project_id,
+        store
+            .instance(&id)
+            .await
+            .unwrap()
+            .unwrap()
+            .project_id
+            .as_str(),
         "project-b"
     );
     delete().await;

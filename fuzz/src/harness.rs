@@ -444,22 +444,27 @@ pub fn policy_file(data: &[u8]) {
         return;
     };
     let roles = [Role::Reader, Role::Member, Role::Admin];
+    let instance = InstanceId::parse(REGISTERED[0].0).expect("a valid id");
+    let (a, b) = (
+        ProjectId::parse("project-a").expect("a valid project"),
+        ProjectId::parse("project-b").expect("a valid project"),
+    );
     for action in Action::ALL {
-        for project in [Some("project-a"), Some("project-b"), None] {
+        for project in [Some(&a), Some(&b), None] {
             let target = Target {
-                instance_id: REGISTERED[0].0,
+                instance_id: Some(&instance),
                 project,
             };
             let _ = policy.decide(
                 Principal::Instance {
-                    instance_id: REGISTERED[0].0,
+                    instance_id: &instance,
                 },
                 action,
                 target,
             );
             let _ = policy.decide(
                 Principal::Token {
-                    project: "project-a",
+                    project: &a,
                     roles: &roles,
                 },
                 action,

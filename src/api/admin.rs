@@ -78,14 +78,14 @@ pub async fn handle<B: super::RequestBody>(
         .map_err(|e| ApiError::bad_request(Reason::BadRequest, e.to_string()))?;
 
     let existing = app.store.instance(&id).await?;
-    ex.facts.target_project = existing.as_ref().map(|r| r.project_id.clone());
+    ex.facts.target_project = existing.as_ref().map(|r| r.project_id.to_string());
     let principal = Principal::Token {
-        project: token.project.as_str(),
+        project: &token.project,
         roles: &token.roles,
     };
     let target = Target {
-        instance_id: id.as_str(),
-        project: existing.as_ref().map(|r| r.project_id.as_str()),
+        instance_id: Some(&id),
+        project: existing.as_ref().map(|r| &r.project_id),
     };
     ex.authorize(app, principal, action, target, &not_found())?;
 
@@ -97,7 +97,7 @@ pub async fn handle<B: super::RequestBody>(
                 StatusCode::OK,
                 &InstanceView {
                     instance_id: id.as_str(),
-                    project_id: &record.project_id,
+                    project_id: record.project_id.as_str(),
                     password_set: Some(record.password_set),
                 },
             ))

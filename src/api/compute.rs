@@ -27,7 +27,7 @@ use crate::audit::gate::gated;
 use crate::audit::{Activity, Facts, Reason, Surface};
 use crate::config::ComputeApi;
 use crate::identity::TokenCaller;
-use crate::ids::InstanceId;
+use crate::ids::{InstanceId, ProjectId};
 use crate::microversion::{self, Microversion};
 use crate::policy::{Action, Principal, Target};
 use crate::store::{ClearOutcome, Store};
@@ -270,16 +270,16 @@ fn authorize(
     ex: &mut Exchange,
     owned: &Owned,
     action: Action,
-    project: Option<&str>,
+    project: Option<&ProjectId>,
 ) -> Result<(), ApiError> {
     let id = &owned.instance;
-    ex.facts.target_project = project.map(str::to_owned);
+    ex.facts.target_project = project.map(ProjectId::to_string);
     let principal = Principal::Token {
-        project: owned.token.project.as_str(),
+        project: &owned.token.project,
         roles: &owned.token.roles,
     };
     let target = Target {
-        instance_id: id.as_str(),
+        instance_id: Some(id),
         project,
     };
     ex.authorize(app, principal, action, target, &not_found(id.as_str()))?;
@@ -302,9 +302,9 @@ async fn show_server(
         ex,
         &owned,
         Action::InstanceShow,
-        record.as_ref().map(|r| r.project_id.as_str()),
+        record.as_ref().map(|r| &r.project_id),
     )?;
-    let project = record.map(|r| r.project_id).unwrap_or_default();
+    let project = record.map(|r| r.project_id.to_string()).unwrap_or_default();
     let id = owned.instance;
     let prefix = &app.compute_api.path_prefix;
     // metapass knows an instance's id and project, not its power state: status UNKNOWN.
@@ -330,7 +330,7 @@ async fn get_password(
     owned: Owned,
 ) -> Result<Response<Body>, ApiError> {
     let record = app.store.password(&owned.instance).await?;
-    let project = record.as_ref().map(|r| r.instance.project_id.as_str());
+    let project = record.as_ref().map(|r| &r.instance.project_id);
     authorize(app, ex, &owned, Action::PasswordGet, project)?;
     let id = &owned.instance;
     let record = record.ok_or_else(|| not_found(id.as_str()))?;
@@ -371,7 +371,7 @@ async fn clear_password(
         ex,
         &owned,
         Action::PasswordClear,
-        record.as_ref().map(|r| r.project_id.as_str()),
+        record.as_ref().map(|r| &r.project_id),
     )?;
     let outcome = gated(ex, &app.auditor, answer_clear, |gate| {
         app.store.clear_password(&owned.instance, gate)

@@ -42,11 +42,11 @@ pub async fn handle(
     }
     let token = authenticate_token(app, ex, headers).await?;
     let principal = Principal::Token {
-        project: token.project.as_str(),
+        project: &token.project,
         roles: &token.roles,
     };
     let target = Target {
-        instance_id: "",
+        instance_id: None,
         project: None,
     };
     ex.authorize(

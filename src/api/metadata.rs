@@ -236,21 +236,19 @@ fn check_owner(
     ex: &mut Exchange,
     id: &InstanceId,
     tenant: Option<&ProjectId>,
-    owner: &str,
+    owner: &ProjectId,
     action: Action,
 ) -> Result<(), ApiError> {
-    ex.facts.target_project = Some(owner.to_owned());
-    if tenant.is_some_and(|t| t.as_str() != owner) {
+    ex.facts.target_project = Some(owner.to_string());
+    if tenant.is_some_and(|t| t != owner) {
         let mut e = not_found();
         e.reason = Reason::TenantMismatch;
         return Err(e);
     }
-    ex.facts.caller.project_id = Some(owner.to_owned());
-    let principal = Principal::Instance {
-        instance_id: id.as_str(),
-    };
+    ex.facts.caller.project_id = Some(owner.to_string());
+    let principal = Principal::Instance { instance_id: id };
     let target = Target {
-        instance_id: id.as_str(),
+        instance_id: Some(id),
         project: Some(owner),
     };
     ex.authorize(app, principal, action, target, &not_found())
@@ -354,7 +352,7 @@ async fn post_password<B: super::RequestBody>(
     // project just read.
     let tenant = match tenant {
         Some(t) => t,
-        None => ProjectId::parse(&record.project_id).map_err(|_| ApiError::integrity())?,
+        None => record.project_id.clone(),
     };
     if record.password_set {
         // Answer early without reading the body; the compare-and-set below decides for real.

@@ -70,7 +70,7 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceRecord {
     /// The project (tenant) that owns the instance.
-    pub project_id: String,
+    pub project_id: ProjectId,
     /// Whether a password is currently set.
     pub password_set: bool,
     /// The record version: bumped by every set and every clear, bound into the seal.

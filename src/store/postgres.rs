@@ -401,7 +401,7 @@ async fn instance_row(
         .map_err(db_err)?;
     row.map(|r| {
         Ok(InstanceRecord {
-            project_id: r.get(0),
+            project_id: stored_project(r.get(0))?,
             password_set: r.get(1),
             password_version: version_from(r.get(2))?,
         })
@@ -495,7 +495,7 @@ impl Store for PostgresStore {
             let existing = instance_row(&*tx, id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("conflicting row vanished".into()))?;
-            if existing.project_id == project {
+            if existing.project_id.as_str() == project {
                 RegisterOutcome::Unchanged
             } else {
                 RegisterOutcome::OwnedByOther
@@ -528,7 +528,7 @@ impl Store for PostgresStore {
                 Some(rec) => rec,
                 None => record.insert(PasswordRecord {
                     instance: InstanceRecord {
-                        project_id: row.get(0),
+                        project_id: stored_project(row.get(0))?,
                         password_set: row.get(1),
                         password_version: version_from(row.get(2))?,
                     },

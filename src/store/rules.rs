@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 pub fn set_once_refused(row: Option<&InstanceRecord>, project: &str) -> SetOutcome {
     match row {
         None => SetOutcome::NotFound,
-        Some(r) if r.project_id != project => SetOutcome::ProjectMismatch,
+        Some(r) if r.project_id.as_str() != project => SetOutcome::ProjectMismatch,
         Some(_) => SetOutcome::AlreadySet,
     }
 }
@@ -85,7 +85,7 @@ impl PasswordRecord {
         let sealed =
             super::chunks::join(PASSWORD_FIELD, &self.chunks).map_err(|_| IntegrityFailure)?;
         let binding = RecordBinding {
-            project_id: &self.instance.project_id,
+            project_id: self.instance.project_id.as_str(),
             instance_id: id.as_str(),
             field: PASSWORD_FIELD,
             version: self.instance.password_version,
@@ -106,7 +106,7 @@ mod tests {
 
     fn row(project: &str, set: bool) -> InstanceRecord {
         InstanceRecord {
-            project_id: project.into(),
+            project_id: ProjectId::parse(project).unwrap(),
             password_set: set,
             password_version: 3,
         }

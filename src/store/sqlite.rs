@@ -512,7 +512,7 @@ fn instance_row(conn: &Connection, id: &str) -> Result<Option<InstanceRecord>, S
     .map_err(db_err)?
     .map(|(project_id, set, version)| {
         Ok(InstanceRecord {
-            project_id,
+            project_id: stored_project(&project_id)?,
             password_set: set != 0,
             password_version: version_from(version)?,
         })
@@ -690,7 +690,7 @@ impl Store for SqliteStore {
             }
             let existing = instance_row(conn, &id)?
                 .ok_or_else(|| StoreError::Corrupt("conflicting row vanished".into()))?;
-            Ok(if existing.project_id == project {
+            Ok(if existing.project_id.as_str() == project {
                 RegisterOutcome::Unchanged
             } else {
                 RegisterOutcome::OwnedByOther
