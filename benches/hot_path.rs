@@ -98,7 +98,7 @@ fn handler(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let app = runtime.block_on(async {
         let app = App::open(config).await.unwrap();
-        metapass::keys::state::load_at_startup(&app).await.unwrap();
+        metapass::load_keyring_at_startup(&app).await.unwrap();
         let id = InstanceId::parse(INSTANCE).unwrap();
         let project = ProjectId::parse("project-a").unwrap();
         app.store

@@ -12,7 +12,7 @@ use crate::config::NotificationSettings;
 use crate::tls::TlsMaterial;
 
 /// What the background tasks need besides the app.
-pub struct Background {
+pub(crate) struct Background {
     /// The certificates and trust that SIGHUP reloads.
     pub tls: TlsMaterial,
     /// Nova's notification bus, when configured.
@@ -22,7 +22,7 @@ pub struct Background {
 }
 
 /// Starts every background task.
-pub fn spawn(app: &Arc<App>, background: Background) {
+pub(crate) fn spawn(app: &Arc<App>, background: Background) {
     tokio::spawn(crate::keys::rewrap::rewrap_loop(app.clone()));
     if let Some(settings) = background.notifications {
         tokio::spawn(crate::nova::notifications::run(app.clone(), settings));
@@ -87,7 +87,7 @@ async fn aggregate_and_checkpoint(app: Arc<App>) {
 }
 
 /// Tells systemd about a state change when it started us with `NOTIFY_SOCKET`; nothing otherwise.
-pub fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
+pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(error = %e, "could not notify systemd");
     }

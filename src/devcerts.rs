@@ -30,21 +30,21 @@ use rcgen::{
 use time::{Duration, OffsetDateTime, macros::datetime};
 
 /// The instance id in `instance-1.pem`.
-pub const DEV_INSTANCE_1: &str = "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90";
+pub(crate) const DEV_INSTANCE_1: &str = "8a2e6d4c-0b1f-4c53-9a4e-2f1d3c5b7a90";
 /// The instance id in `instance-2.pem`.
-pub const DEV_INSTANCE_2: &str = "5f0c7d2a-3e41-4b9a-8c6d-1a2b3c4d5e6f";
+pub(crate) const DEV_INSTANCE_2: &str = "5f0c7d2a-3e41-4b9a-8c6d-1a2b3c4d5e6f";
 /// The DNS SAN of the proxy certificate.
-pub const DEV_PROXY_NAME: &str = "metadata-proxy.dev.invalid";
+pub(crate) const DEV_PROXY_NAME: &str = "metadata-proxy.dev.invalid";
 /// How long leaf certificates live by default: the committed set keeps working for years.
-pub const DEFAULT_LEAF_DAYS: u32 = 3650;
+pub(crate) const DEFAULT_LEAF_DAYS: u32 = 3650;
 /// Where the dev CA would publish its CRL (a `.invalid` name: nothing is ever fetched from it).
-pub const DEV_CRL_URI: &str = "http://crl.dev.invalid/metapass-dev-ca.crl";
+pub(crate) const DEV_CRL_URI: &str = "http://crl.dev.invalid/metapass-dev-ca.crl";
 /// The serial number of `revoked.pem`.
 const REVOKED_SERIAL: &[u8] = b"revoked!";
 
 /// Why the dev certificates could not be written.
 #[derive(Debug, thiserror::Error)]
-pub enum DevCertError {
+pub(crate) enum DevCertError {
     /// rcgen refused.
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -137,7 +137,7 @@ impl Out {
 
 /// Writes a fresh set of dev certificates into `out`, leaf certificates valid for `leaf_days`, and
 /// returns the files written.
-pub fn generate(out: &Path, leaf_days: u32) -> Result<Vec<PathBuf>, DevCertError> {
+pub(crate) fn generate(out: &Path, leaf_days: u32) -> Result<Vec<PathBuf>, DevCertError> {
     fs::create_dir_all(out)?;
     let mut out = Out {
         dir: out.to_owned(),

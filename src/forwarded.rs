@@ -19,7 +19,7 @@ use http::HeaderMap;
 use crate::config::{ClientIpHeader, ListenerConfig};
 
 /// The most hops accepted in a forwarding header.
-pub const MAX_HOPS: usize = 16;
+pub(crate) const MAX_HOPS: usize = 16;
 
 /// What became of the forwarding headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -35,7 +35,7 @@ pub enum Verdict {
 
 /// The resolved client.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Source {
+pub(crate) struct Source {
     /// The client's address.
     pub client: IpAddr,
     /// Every address the forwarding header named, remotest first (when trusted).
@@ -49,7 +49,7 @@ pub struct Source {
 /// A trusted proxy sent a forwarding header that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct Malformed(pub &'static str);
+pub(crate) struct Malformed(pub &'static str);
 
 fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
     let values: Vec<String> = headers
@@ -61,7 +61,7 @@ fn joined(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Resolves the client of a request from `peer` on `listener`.
-pub fn resolve(
+pub(crate) fn resolve(
     listener: &ListenerConfig,
     peer: IpAddr,
     headers: &HeaderMap,

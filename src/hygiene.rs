@@ -10,7 +10,7 @@ use rustix::process::{self, DumpableBehavior, Resource, Rlimit};
 
 /// What the kernel reports after hardening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hardening {
+pub(crate) struct Hardening {
     /// Whether the process is still dumpable (`PR_GET_DUMPABLE`).
     pub dumpable: bool,
     /// The core-file size limit (soft, hard), in bytes.
@@ -18,7 +18,7 @@ pub struct Hardening {
 }
 
 /// Disables core dumps for this process and reads back what the kernel now says.
-pub fn disable_core_dumps() -> std::io::Result<Hardening> {
+pub(crate) fn disable_core_dumps() -> std::io::Result<Hardening> {
     process::setrlimit(
         Resource::Core,
         Rlimit {

@@ -33,54 +33,59 @@
 //! |---|---|
 //! | [`cli`] | the command line (`main.rs` only calls [`cli::main`]) |
 //! | [`app`] | the composition root: [`app::App`] built from a [`config::Config`] |
-//! | [`background`] | the daemon's background tasks, started in one place |
+//! | `background` | the daemon's background tasks, started in one place |
 //! | [`config`] | typed configuration by section; every file and secret is read and validated here, at load |
-//! | [`server`] | accept loops, per-listener caps and shedding ([`server::pressure`]), first-request and idle timers, graceful shutdown |
-//! | [`tls`] | rustls server configuration (ring provider), client-certificate verifier, PEM loading, reload on SIGHUP |
+//! | `server` | accept loops, per-listener caps and shedding (`server::pressure`), first-request and idle timers, graceful shutdown |
+//! | `tls` | rustls server configuration (ring provider), client-certificate verifier, PEM loading, reload on SIGHUP |
 //! | [`identity`] | who is calling ([`identity::authenticate`]): client certificates, signed proxy headers, the token file, Keystone tokens; no HTTP, no policy |
-//! | [`microversion`] | the compute API microversion a request asks for, read as Nova reads it |
-//! | [`forwarded`] | the client behind trusted proxies (`Forwarded`, `X-Forwarded-For`) |
+//! | `microversion` | the compute API microversion a request asks for, read as Nova reads it |
+//! | `forwarded` | the client behind trusted proxies (`Forwarded`, `X-Forwarded-For`) |
 //! | [`policy`] | may this caller do this action to this instance |
 //! | [`api`] | the exchange, the router, the caller step, the handlers; [`api::respond`] is the one place errors become answers |
 //! | [`store`] | the [`store::Store`] trait and its rules ([`store::rules`]); SQLite (embedded) and PostgreSQL (replicas) hold the SQL |
 //! | [`crypto`] | keyring and AES-256-GCM seal/open with the record bound in the AAD; key check values |
-//! | [`keys`] | the data keys' lifecycle: keyring files, the keyring in use, the background rewrap |
-//! | [`hygiene`] | process hardening before secrets are read: no core dumps, not dumpable |
+//! | `keys` | the data keys' lifecycle: keyring files, the keyring in use, the background rewrap |
+//! | `hygiene` | process hardening before secrets are read: no core dumps, not dumpable |
 //! | [`audit`] | the OCSF event, the gate, the chained durable writer, signed checkpoints, the store anchor, verification, reconciliation |
 //! | [`clock`] | where "now" comes from; clippy refuses the system clocks elsewhere |
 //! | [`ids`] | validated identifiers (instance, project, request) |
-//! | [`surface`], [`text`] | the API surfaces; attacker-controlled text kept to a bound |
-//! | [`limits`] | rate limits with bounded key memory |
+//! | `surface`, `text` | the API surfaces; attacker-controlled text kept to a bound |
+//! | `limits` | rate limits with bounded key memory |
 //! | [`metrics`] | Prometheus metrics |
-//! | [`nova`] | living beside Nova: `import-nova` from its database, registry sync from its notifications, registry lookups |
-//! | [`devcerts`] | the development certificate authority (never for production) |
+//! | `nova` | living beside Nova: `import-nova` from its database, registry sync from its notifications, registry lookups |
+//! | `devcerts` | the development certificate authority (never for production) |
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
 pub mod api;
 pub mod app;
 pub mod audit;
-pub mod background;
+mod background;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
-pub mod devcerts;
-pub mod forwarded;
-pub mod hygiene;
+mod devcerts;
+mod forwarded;
+mod hygiene;
 pub mod identity;
 pub mod ids;
-pub mod keys;
-pub mod limits;
+mod keys;
+mod limits;
 pub mod metrics;
-pub mod microversion;
-pub mod nova;
+mod microversion;
+mod nova;
 pub mod policy;
-pub mod server;
+mod server;
 pub mod store;
-pub mod surface;
-pub mod text;
-pub mod tls;
+mod surface;
+mod text;
+mod tls;
+
+// What the binary, the fuzz targets and the benchmarks use from modules that are otherwise the
+// crate's own.
+pub use keys::state::load_at_startup as load_keyring_at_startup;
 
 /// The product name written into audit events and the `Server` header.
 pub const PRODUCT_NAME: &str = "metapass";

@@ -113,7 +113,7 @@ pub struct Limited {
 /// against one shared overflow bucket, so past the cap the untracked keys together get one key's
 /// budget (fail closed) instead of none being limited.
 #[derive(Debug)]
-pub struct BoundedStore<K: Hash + Eq + Clone> {
+pub(crate) struct BoundedStore<K: Hash + Eq + Clone> {
     inner: DashMapStateStore<K>,
     overflow: InMemoryState,
     cap: usize,
@@ -384,7 +384,7 @@ impl<C: Clock + Clone> Limiters<C> {
 /// Memory is bounded by the number of open connections: a source's entry goes when its last
 /// connection closes.
 #[derive(Debug)]
-pub struct ConnectionCaps {
+pub(crate) struct ConnectionCaps {
     per_source: usize,
     ipv6_mask: u128,
     open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
@@ -392,14 +392,14 @@ pub struct ConnectionCaps {
 
 /// One admitted connection; releases its place when dropped.
 #[derive(Debug)]
-pub struct ConnectionSlot {
+pub(crate) struct ConnectionSlot {
     caps: std::sync::Arc<ConnectionCaps>,
     key: IpAddr,
 }
 
 impl ConnectionCaps {
     /// At most `per_source` connections per source (IPv6 grouped by `ipv6_prefix`).
-    pub fn new(per_source: usize, ipv6_prefix: u8) -> Self {
+    pub(crate) fn new(per_source: usize, ipv6_prefix: u8) -> Self {
         Self {
             per_source: per_source.max(1),
             ipv6_mask: u128::MAX << (128 - u32::from(ipv6_prefix.clamp(1, 128))),
@@ -408,7 +408,7 @@ impl ConnectionCaps {
     }
 
     /// A slot for a new connection from `source`, or `None` if it already holds its share.
-    pub fn admit(self: &std::sync::Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
+    pub(crate) fn admit(self: &std::sync::Arc<Self>, source: IpAddr) -> Option<ConnectionSlot> {
         let key = match source {
             IpAddr::V4(_) => source,
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -431,8 +431,9 @@ impl ConnectionCaps {
         })
     }
 
-    /// Sources currently holding connections.
-    pub fn sources(&self) -> usize {
+    /// Sources currently holding connections (the tests' view of the map's bound).
+    #[cfg(test)]
+    pub(crate) fn sources(&self) -> usize {
         self.open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -457,7 +458,7 @@ impl Drop for ConnectionSlot {
 }
 
 /// How often [`Limiters::maintain`] should run.
-pub fn cleanup_interval(config: &RateLimitConfig) -> Duration {
+pub(crate) fn cleanup_interval(config: &RateLimitConfig) -> Duration {
     Duration::from_secs(config.cleanup_interval_secs.max(1))
 }
 

@@ -19,11 +19,11 @@ pub struct Microversion {
 }
 
 /// The oldest microversion: what a request without a version header gets.
-pub const MIN: Microversion = Microversion { major: 2, minor: 1 };
+pub(crate) const MIN: Microversion = Microversion { major: 2, minor: 1 };
 
 /// Nova's current maximum (nova/api/openstack/api_version_request.py), the default of
 /// `[compute_api] max_microversion`. The password API is the same in all of them.
-pub const NOVA_MAX: Microversion = Microversion {
+pub(crate) const NOVA_MAX: Microversion = Microversion {
     major: 2,
     minor: 104,
 };
@@ -56,7 +56,7 @@ impl fmt::Display for Microversion {
 
 /// What a request asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requested {
+pub(crate) enum Requested {
     /// No compute version header: the minimum.
     Default,
     /// `latest`: the maximum.
@@ -112,7 +112,7 @@ fn from_openstack_header(headers: &HeaderMap) -> Result<Option<String>, VersionE
 }
 
 /// The version the headers ask for (see the module docs).
-pub fn requested(headers: &HeaderMap) -> Result<Requested, VersionError> {
+pub(crate) fn requested(headers: &HeaderMap) -> Result<Requested, VersionError> {
     let text = match from_openstack_header(headers)? {
         Some(v) => Some(v),
         None => match headers.get("x-openstack-nova-api-version") {
@@ -135,7 +135,10 @@ pub fn requested(headers: &HeaderMap) -> Result<Requested, VersionError> {
 }
 
 /// The version a request is served at: what it asked for, between [`MIN`] and `max`.
-pub fn negotiate(headers: &HeaderMap, max: Microversion) -> Result<Microversion, VersionError> {
+pub(crate) fn negotiate(
+    headers: &HeaderMap,
+    max: Microversion,
+) -> Result<Microversion, VersionError> {
     match requested(headers)? {
         Requested::Default => Ok(MIN),
         Requested::Latest => Ok(max),

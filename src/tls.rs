@@ -27,7 +27,7 @@ use crate::config::{ClientAuth, TlsFiles};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     /// A PEM file could not be read or parsed.
     #[error("{path}: {message}")]
     Pem {
@@ -45,7 +45,7 @@ pub enum TlsError {
 }
 
 /// Loads a certificate chain and its private key from PEM files into a signing key.
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+pub(crate) fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
     let pem_err = |path: &Path, message: String| TlsError::Pem {
         path: path.display().to_string(),
         message,
@@ -65,13 +65,13 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 
 /// Serves one certificate that can be replaced while the server runs.
 #[derive(Debug)]
-pub struct ReloadableCert {
+pub(crate) struct ReloadableCert {
     current: RwLock<Arc<CertifiedKey>>,
 }
 
 impl ReloadableCert {
     /// Starts with `key`.
-    pub fn new(key: CertifiedKey) -> Self {
+    pub(crate) fn new(key: CertifiedKey) -> Self {
         Self {
             current: RwLock::new(Arc::new(key)),
         }
@@ -79,7 +79,7 @@ impl ReloadableCert {
 
     /// Replaces the served certificate; handshakes after this call use the new one, existing
     /// connections keep theirs.
-    pub fn replace(&self, key: CertifiedKey) {
+    pub(crate) fn replace(&self, key: CertifiedKey) {
         *self
             .current
             .write()
@@ -87,7 +87,7 @@ impl ReloadableCert {
     }
 
     /// The certificate served now.
-    pub fn current(&self) -> Arc<CertifiedKey> {
+    pub(crate) fn current(&self) -> Arc<CertifiedKey> {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -109,7 +109,7 @@ impl ResolvesServerCert for ReloadableCert {
 /// the trust anchor) needs a CRL from its issuer, and a CRL past its `nextUpdate` refuses every
 /// certificate it covers until a fresh one is loaded (SIGHUP). A CRL file holding no CRL is an
 /// error, not "nothing revoked".
-pub fn client_verifier(
+pub(crate) fn client_verifier(
     ca: &Path,
     crls: &[std::path::PathBuf],
     mode: ClientAuth,
@@ -153,7 +153,7 @@ pub fn client_verifier(
 /// The server configuration: ring provider, TLS 1.3 + 1.2, ALPN h2 and http/1.1, the server's
 /// cipher-suite order (AEAD only; rustls has no other kind), session tickets from `ticketer`, and
 /// client certificates if `clients` is given.
-pub fn server_config(
+pub(crate) fn server_config(
     cert: Arc<ReloadableCert>,
     clients: Option<Arc<dyn ClientCertVerifier>>,
     ticketer: Arc<dyn ProducesTickets>,
@@ -177,7 +177,7 @@ pub fn server_config(
 /// A replacement starts a new ticket key and session cache on purpose: a resumed session skips
 /// certificate verification, so keeping them would let a client whose certificate the reload
 /// revoked or stopped trusting carry on by resuming a session made before it.
-pub struct ListenerTls {
+pub(crate) struct ListenerTls {
     client_auth: ClientAuth,
     current: RwLock<Arc<ServerConfig>>,
 }
@@ -201,7 +201,7 @@ impl ListenerTls {
     }
 
     /// An acceptor for the next handshake.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(
             self.current
                 .read()
@@ -213,7 +213,7 @@ impl ListenerTls {
 
 /// The daemon's TLS files and everything built from them: the served certificate and every TLS
 /// listener's configuration.
-pub struct TlsMaterial {
+pub(crate) struct TlsMaterial {
     files: TlsFiles,
     served: Arc<ReloadableCert>,
     listeners: Vec<Arc<ListenerTls>>,
@@ -221,7 +221,7 @@ pub struct TlsMaterial {
 
 impl TlsMaterial {
     /// Loads the certificate and key (checking that they match).
-    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+    pub(crate) fn load(files: TlsFiles) -> Result<Self, TlsError> {
         let key = load_certified_key(&files.cert, &files.key)?;
         key.keys_match()?;
         Ok(Self {
@@ -233,7 +233,10 @@ impl TlsMaterial {
 
     /// Builds the configuration of one more TLS listener, asking for client certificates as
     /// `client_auth` says.
-    pub fn listener(&mut self, client_auth: ClientAuth) -> Result<Arc<ListenerTls>, TlsError> {
+    pub(crate) fn listener(
+        &mut self,
+        client_auth: ClientAuth,
+    ) -> Result<Arc<ListenerTls>, TlsError> {
         let config = ListenerTls::build(&self.served, &self.files, client_auth)?;
         let listener = Arc::new(ListenerTls {
             client_auth,
@@ -246,7 +249,7 @@ impl TlsMaterial {
     /// Re-reads the certificate, key, client CA and CRLs. Only if every file loads are they all
     /// swapped in; on any error nothing changes. Connections already open keep their session;
     /// sessions made before the reload no longer resume (see [`ListenerTls`]).
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let key = load_certified_key(&self.files.cert, &self.files.key)?;
         key.keys_match()?;
         let configs = self
@@ -265,13 +268,13 @@ impl TlsMaterial {
     }
 
     /// The certificate file, for messages.
-    pub fn cert_file(&self) -> &PathBuf {
+    pub(crate) fn cert_file(&self) -> &PathBuf {
         &self.files.cert
     }
 }
 
 /// The name of a negotiated protocol version, as written in audit events.
-pub fn version_name(version: Option<ProtocolVersion>) -> Option<&'static str> {
+pub(crate) fn version_name(version: Option<ProtocolVersion>) -> Option<&'static str> {
     match version? {
         ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
         ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),

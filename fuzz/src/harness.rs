@@ -115,7 +115,7 @@ fn fixture() -> &'static Fixture {
         let app = runtime.block_on(App::open(config)).expect("app");
         runtime.block_on(async {
             // As `serve` does: the store learns the keyring's keys before anything is sealed.
-            metapass::keys::state::load_at_startup(&app)
+            metapass::load_keyring_at_startup(&app)
                 .await
                 .expect("keyring");
             for (id, project) in REGISTERED {

@@ -20,7 +20,7 @@ use crate::policy::{Action, Principal, Target};
 use crate::store::{DeleteOutcome, RegisterOutcome, Store};
 
 /// The largest registration body accepted.
-pub const MAX_REGISTER_BODY: usize = 4096;
+pub(crate) const MAX_REGISTER_BODY: usize = 4096;
 
 const INSTANCES_PREFIX: &str = "/admin/v1/instances/";
 
@@ -47,7 +47,7 @@ fn not_found() -> ApiError {
 }
 
 /// Handles a request under `/admin/`.
-pub async fn handle<B: super::RequestBody>(
+pub(crate) async fn handle<B: super::RequestBody>(
     app: &App,
     ex: &mut Exchange,
     req: Request<B>,

@@ -43,7 +43,7 @@ impl BodyError {
 }
 
 /// Reads at most `limit` bytes of `body` before `deadline`, into a buffer wiped on drop.
-pub async fn read_limited<B: super::RequestBody>(
+pub(crate) async fn read_limited<B: super::RequestBody>(
     mut body: B,
     limit: usize,
     deadline: Instant,

@@ -16,7 +16,7 @@ use crate::identity::authenticate::{
 
 /// The owner or administrator an `X-Auth-Token` names (see
 /// [`crate::identity::authenticate::Identities::token`]), then the project (or admin) rate limit.
-pub async fn authenticate_token(
+pub(crate) async fn authenticate_token(
     app: &App,
     ex: &mut Exchange,
     headers: &HeaderMap,
@@ -58,7 +58,7 @@ pub async fn authenticate_token(
 
 /// The calling instance (see [`crate::identity::authenticate::Identities::instance`]), then its
 /// rate limit, counted on the instance the credential verified for, before its shape is judged.
-pub fn identify_instance(
+pub(crate) fn identify_instance(
     app: &App,
     ex: &mut Exchange,
     headers: &HeaderMap,

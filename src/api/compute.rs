@@ -34,7 +34,7 @@ use crate::store::{ClearOutcome, Store};
 
 /// A route of the compute API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ComputeRoute<'a> {
+pub(crate) enum ComputeRoute<'a> {
     /// `/`: the list of API versions.
     Versions,
     /// `/v2.1` or `/v2.1/`: the v2.1 version document.
@@ -73,7 +73,7 @@ fn server_route<'a>(project: Option<&'a str>, rest: &'a str) -> ComputeRoute<'a>
 }
 
 /// Routes a path exactly (no decoding, no normalisation).
-pub fn route<'a>(api: &ComputeApi, path: &'a str) -> ComputeRoute<'a> {
+pub(crate) fn route<'a>(api: &ComputeApi, path: &'a str) -> ComputeRoute<'a> {
     let path = unprefixed(api, path);
     match path {
         "/" => return ComputeRoute::Versions,
@@ -93,14 +93,14 @@ pub fn route<'a>(api: &ComputeApi, path: &'a str) -> ComputeRoute<'a> {
 }
 
 /// Whether `path` belongs to the compute API.
-pub fn owns(api: &ComputeApi, path: &str) -> bool {
+pub(crate) fn owns(api: &ComputeApi, path: &str) -> bool {
     let path = unprefixed(api, path);
     path == "/" || path == "/v2.1" || path.starts_with("/v2.1/")
 }
 
 /// The microversion a request is served at, or the refusal Nova would give: 400 for a malformed
 /// version, 406 for one outside 2.1 to the configured maximum.
-pub fn negotiate_microversion(
+pub(crate) fn negotiate_microversion(
     api: &ComputeApi,
     headers: &HeaderMap,
 ) -> Result<Microversion, ApiError> {
@@ -112,7 +112,7 @@ pub fn negotiate_microversion(
 ///
 /// `version` is `None` when the request was refused before its version was known (no token, a
 /// malformed version): Nova sends no version headers then either.
-pub fn with_compute_headers(
+pub(crate) fn with_compute_headers(
     response: &mut Response<Body>,
     version: Option<Microversion>,
     request_id: &str,
@@ -175,7 +175,7 @@ struct PasswordBody<'a> {
 }
 
 /// Handles a compute API request.
-pub async fn handle<B: super::RequestBody>(
+pub(crate) async fn handle<B: super::RequestBody>(
     app: &App,
     ex: &mut Exchange,
     req: Request<B>,

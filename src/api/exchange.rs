@@ -68,7 +68,7 @@ pub struct Exchange {
     /// The compute microversion the request is served at, once known (echoed in the answer).
     pub microversion: Option<crate::microversion::Microversion>,
     /// The request brought credentials to a route that verifies them, so it paid nothing to its
-    /// source before authentication (see [`router::carries_credentials`]).
+    /// source before authentication (see `router::carries_credentials`).
     pub credentialed: bool,
     /// Refused by a rate limit before authentication: counted in an aggregate event
     /// ([`crate::audit::aggregate`]) instead of one of its own.

@@ -28,7 +28,7 @@ struct Readiness {
 
 /// Whether the audit log's filesystem has at least `min` bytes free for an unprivileged writer
 /// (`statvfs`'s `f_bavail`). A filesystem that cannot be asked counts as full.
-pub fn audit_space_left(dir: &std::path::Path, min: u64) -> bool {
+pub(crate) fn audit_space_left(dir: &std::path::Path, min: u64) -> bool {
     if min == 0 {
         return true;
     }
@@ -39,7 +39,7 @@ pub fn audit_space_left(dir: &std::path::Path, min: u64) -> bool {
 }
 
 /// Handles `/healthz`, `/readyz` and `/metrics`.
-pub async fn handle<B: super::RequestBody>(
+pub(crate) async fn handle<B: super::RequestBody>(
     app: &App,
     ex: &mut Exchange,
     req: Request<B>,

@@ -17,7 +17,7 @@ use crate::keys::state::{reload_from_source, request_rewrap, status};
 use crate::policy::{Action, Principal, Target};
 
 /// Handles `/admin/v1/keys...` (see the module docs).
-pub async fn handle(
+pub(crate) async fn handle(
     app: &App,
     ex: &mut Exchange,
     method: &Method,

@@ -21,7 +21,7 @@ use crate::policy::{Action, Principal, Target};
 use crate::store::{PASSWORD_FIELD, SetOutcome, Store};
 
 /// Nova's metadata versions, oldest first; `latest` is the newest.
-pub const VERSIONS: [&str; 10] = [
+pub(crate) const VERSIONS: [&str; 10] = [
     "2012-08-10",
     "2013-04-04",
     "2013-10-17",
@@ -35,16 +35,16 @@ pub const VERSIONS: [&str; 10] = [
 ];
 
 /// The first version with a `password` entry.
-pub const PASSWORD_SINCE: &str = "2013-04-04";
+pub(crate) const PASSWORD_SINCE: &str = "2013-04-04";
 
 /// Whether `version` serves the password (`latest`, or a known version from 2013-04-04 on).
-pub fn serves_password(version: &str) -> bool {
+pub(crate) fn serves_password(version: &str) -> bool {
     version == "latest" || (VERSIONS.contains(&version) && version >= PASSWORD_SINCE)
 }
 
 /// A route of the instance API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InstanceRoute {
+pub(crate) enum InstanceRoute {
     /// `/openstack` or `/openstack/`: the version listing.
     Versions,
     /// `/openstack/{v}` or `/openstack/{v}/`: the listing of a version.
@@ -57,7 +57,7 @@ pub enum InstanceRoute {
 
 /// Routes a path under `/openstack`, exactly: no decoding, no normalisation, so `..`, `%2e%2e`,
 /// doubled slashes and unknown versions all miss.
-pub fn route(path: &str) -> InstanceRoute {
+pub(crate) fn route(path: &str) -> InstanceRoute {
     let Some(rest) = path.strip_prefix("/openstack") else {
         return InstanceRoute::NotFound;
     };
@@ -87,7 +87,7 @@ pub fn route(path: &str) -> InstanceRoute {
 /// `InstanceMetadata.lookup` does), so `/openstack/latest/password/`, `//`, `/./`, `..` and
 /// `%70assword` spellings reach the password handler in Nova, and must reach metapass's too.
 /// `None` for a path that does not decode to UTF-8 (Nova cannot route it either).
-pub fn nova_path(raw: &str) -> Option<String> {
+pub(crate) fn nova_path(raw: &str) -> Option<String> {
     let decoded = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
         .ok()?;
@@ -130,7 +130,7 @@ fn normpath(path: &str) -> String {
 
 /// Routes a request path as Nova would: exactly when it is already canonical, else after
 /// [`nova_path`].
-pub fn route_as_nova(raw: &str) -> InstanceRoute {
+pub(crate) fn route_as_nova(raw: &str) -> InstanceRoute {
     match route(raw) {
         InstanceRoute::NotFound => nova_path(raw).map_or(InstanceRoute::NotFound, |p| route(&p)),
         found => found,
@@ -138,7 +138,7 @@ pub fn route_as_nova(raw: &str) -> InstanceRoute {
 }
 
 /// Whether Nova would look `raw` up in its `/openstack` tree.
-pub fn is_openstack_path(raw: &str) -> bool {
+pub(crate) fn is_openstack_path(raw: &str) -> bool {
     let under = |p: &str| p == "/openstack" || p.starts_with("/openstack/");
     under(raw) || nova_path(raw).is_some_and(|p| under(&p))
 }
@@ -157,7 +157,7 @@ pub enum PasswordBodyError {
 
 /// Checks a posted password: non-empty UTF-8 text without NUL or control characters (tab, LF and CR
 /// are allowed: some agents wrap their base64).
-pub fn validate_password(body: &[u8]) -> Result<&str, PasswordBodyError> {
+pub(crate) fn validate_password(body: &[u8]) -> Result<&str, PasswordBodyError> {
     if body.is_empty() {
         return Err(PasswordBodyError::Empty);
     }
@@ -172,7 +172,7 @@ pub fn validate_password(body: &[u8]) -> Result<&str, PasswordBodyError> {
 }
 
 /// Handles a request under `/openstack`.
-pub async fn handle<B: super::RequestBody>(
+pub(crate) async fn handle<B: super::RequestBody>(
     app: &App,
     ex: &mut Exchange,
     req: Request<B>,
@@ -216,7 +216,7 @@ fn list(ex: &mut Exchange, method: &Method, body: String) -> Result<Response<Bod
 
 /// `Retry-After` for a post from an instance that is not registered yet: Nova's create
 /// notification usually follows within a second or two.
-pub const NOT_YET_REGISTERED_RETRY_SECS: u64 = 2;
+pub(crate) const NOT_YET_REGISTERED_RETRY_SECS: u64 = 2;
 
 /// Records that a correctly identified instance is not in the registry (yet).
 fn not_yet_registered(ex: &mut Exchange) {

@@ -1,18 +1,18 @@
-//! The HTTP face of metapass: one request's path through [`exchange`] (begin, finish, exactly one
-//! event), [`router`] (surface, pre-authentication checks), a surface's handler, [`caller`] (the
+//! The HTTP face of metapass: one request's path through `exchange` (begin, finish, exactly one
+//! event), `router` (surface, pre-authentication checks), a surface's handler, `caller` (the
 //! identity step's verdict made into facts and limits) and [`respond`] (the one place outcomes
 //! become answers).
 
-pub mod admin;
-pub mod body;
-pub mod caller;
-pub mod compute;
-pub mod exchange;
-pub mod health;
-pub mod keys;
-pub mod metadata;
+pub(crate) mod admin;
+pub(crate) mod body;
+pub(crate) mod caller;
+pub(crate) mod compute;
+pub(crate) mod exchange;
+pub(crate) mod health;
+pub(crate) mod keys;
+pub(crate) mod metadata;
 pub mod respond;
-pub mod router;
+pub(crate) mod router;
 
 use bytes::Bytes;
 

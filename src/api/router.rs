@@ -38,7 +38,7 @@ const SURFACES: [(OwnsPath, Surface); 4] = [
 ];
 
 /// The surface a path belongs to.
-pub fn surface_of(api: &ComputeApi, path: &str) -> Surface {
+pub(crate) fn surface_of(api: &ComputeApi, path: &str) -> Surface {
     SURFACES
         .iter()
         .find(|(owns, _)| owns(api, path))
@@ -46,7 +46,7 @@ pub fn surface_of(api: &ComputeApi, path: &str) -> Surface {
 }
 
 /// Routes a request: the checks every request passes, then its surface's handler.
-pub async fn route<B: RequestBody>(
+pub(crate) async fn route<B: RequestBody>(
     app: &App,
     ex: &mut Exchange,
     req: Request<B>,
@@ -146,7 +146,7 @@ pub(super) fn carries_credentials(
 /// `Transfer-Encoding` itself (the latter wins and the length is dropped); for that case RFC 9112
 /// asks the server to close the connection, which the finish step does for every request that used
 /// `Transfer-Encoding`.
-pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
+pub(crate) fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
     let mut encodings = headers
         .get_all(http::header::TRANSFER_ENCODING)
         .iter()

@@ -110,7 +110,7 @@ pub enum IdentityError {
 
 impl IdentityError {
     /// Whether this is a failed authentication (credentials that did not verify), which costs its
-    /// source `failed_auth_cost` (see [`crate::limits`]). A missing token, an unscoped one or
+    /// source `failed_auth_cost` (see `crate::limits`). A missing token, an unscoped one or
     /// Keystone being away is not.
     pub fn is_failed_authentication(&self) -> bool {
         matches!(

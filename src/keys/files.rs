@@ -131,7 +131,7 @@ fn today() -> String {
 
 /// A TOML error in a file that holds secrets, said without quoting the file: the line number and,
 /// unless that line holds a secret, the parser's message (a message can quote a value).
-pub fn redacted_toml_error(text: &str, error: &toml::de::Error) -> String {
+pub(crate) fn redacted_toml_error(text: &str, error: &toml::de::Error) -> String {
     let Some(span) = error.span() else {
         return error.message().to_owned();
     };

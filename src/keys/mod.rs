@@ -8,11 +8,11 @@
 //!
 //! The admin endpoints that reach these are in `api::keys`.
 
-pub mod files;
-pub mod rewrap;
-pub mod state;
+pub(crate) mod files;
+pub(crate) mod rewrap;
+pub(crate) mod state;
 
-pub use files::{KeyEntry, KeyFileError, KeySource, KeyringFile, redacted_toml_error};
+pub(crate) use files::{KeySource, KeyringFile, redacted_toml_error};
 
 /// Why a keyring is not installed. Whatever the reason, the keys in use stay.
 #[derive(Debug, thiserror::Error)]

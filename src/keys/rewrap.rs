@@ -131,7 +131,7 @@ async fn rewrap_pass(app: &App) {
 
 /// The background rewrap: a pass at startup and after every keyring change (`auto`), or when an
 /// admin asks (`POST /admin/v1/keys/rewrap`, in both modes).
-pub async fn rewrap_loop(app: Arc<App>) {
+pub(crate) async fn rewrap_loop(app: Arc<App>) {
     loop {
         let asked = app.keys.requested.swap(false, Ordering::SeqCst);
         if asked || app.keys.settings.rewrap == RewrapMode::Auto {

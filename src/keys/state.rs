@@ -66,7 +66,7 @@ impl KeyState {
 
 /// One key in [`KeyStatus`].
 #[derive(Debug, Serialize)]
-pub struct KeyRow {
+pub(crate) struct KeyRow {
     /// The key id.
     pub id: KeyId,
     /// Whether it seals new records.
@@ -81,7 +81,7 @@ pub struct KeyRow {
 
 /// The rewrap task in [`KeyStatus`].
 #[derive(Debug, Serialize)]
-pub struct RewrapStatus {
+pub(crate) struct RewrapStatus {
     /// `auto` or `manual`.
     pub mode: &'static str,
     /// Whether a pass is running.
@@ -96,7 +96,7 @@ pub struct RewrapStatus {
 
 /// The answer of `GET /admin/v1/keys`. Ids and counts only: never a secret.
 #[derive(Debug, Serialize)]
-pub struct KeyStatus {
+pub(crate) struct KeyStatus {
     /// The active key id.
     pub active: KeyId,
     /// Where the keyring comes from.
@@ -112,7 +112,7 @@ pub struct KeyStatus {
 }
 
 /// The key status now.
-pub async fn status(app: &App) -> Result<KeyStatus, StoreError> {
+pub(crate) async fn status(app: &App) -> Result<KeyStatus, StoreError> {
     let keyring = app.keyring();
     let usage = app.store.key_usage().await?;
     let mut rows: Vec<KeyRow> = keyring
@@ -176,7 +176,7 @@ fn answer_sync(outcome: &KeySync, _: &mut Facts) -> Result<StatusCode, ApiError>
 /// Checks `fresh` against the store and, if it passes, makes it the keyring in use (and wakes
 /// the rewrap task). The event of `host` records the active key before and after and every key
 /// held.
-pub async fn install<A: Audited>(
+pub(crate) async fn install<A: Audited>(
     app: &App,
     host: &mut A,
     fresh: Arc<Keyring>,
@@ -236,7 +236,10 @@ pub async fn load_at_startup(app: &App) -> Result<(), String> {
 }
 
 /// Reads the keyring from its source again and installs it.
-pub async fn reload_from_source<A: Audited>(app: &App, host: &mut A) -> Result<(), ApiError> {
+pub(crate) async fn reload_from_source<A: Audited>(
+    app: &App,
+    host: &mut A,
+) -> Result<(), ApiError> {
     let source = &app.keys.settings.source;
     if !source.reloadable() {
         return Err(KeyError::NotReloadable(source.describe()).into());
@@ -255,7 +258,7 @@ pub async fn reload_from_source<A: Audited>(app: &App, host: &mut A) -> Result<(
 
 /// SIGHUP: reloads a keyring file, audited as `keys:reload`. A keyring read once (environment,
 /// descriptor) is left alone.
-pub async fn reload_on_signal(app: &App) {
+pub(crate) async fn reload_on_signal(app: &App) {
     if !app.keys.settings.source.reloadable() {
         tracing::info!(source = %app.keys.settings.source.describe(), "keyring is read once; not reloaded");
         return;
@@ -282,7 +285,7 @@ pub async fn reload_on_signal(app: &App) {
 }
 
 /// Asks the rewrap task for a pass now (`POST /admin/v1/keys/rewrap`, in both modes).
-pub fn request_rewrap(app: &App) {
+pub(crate) fn request_rewrap(app: &App) {
     app.keys.requested.store(true, Ordering::SeqCst);
     app.keys.wake.notify_one();
 }

@@ -31,7 +31,7 @@ const PASSWORD_KEYS: [&str; 4] = ["password_0", "password_1", "password_2", "pas
 
 /// How a run went; printed by the command. Never holds a password.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
-pub struct ImportReport {
+pub(crate) struct ImportReport {
     /// Passwords sealed into metapass by this run (in a dry run: that would be).
     pub imported: u64,
     /// Instances whose password metapass already had.
@@ -50,7 +50,7 @@ pub struct ImportReport {
 
 /// Options of a run.
 #[derive(Debug, Clone)]
-pub struct ImportOptions {
+pub(crate) struct ImportOptions {
     /// Instances per batch.
     pub batch: usize,
     /// Start after this `instances.id` (0: from the start).
@@ -66,7 +66,7 @@ struct NovaInstance {
 }
 
 /// Nova's database, read only.
-pub struct NovaDatabase {
+pub(crate) struct NovaDatabase {
     pool: mysql_async::Pool,
 }
 
@@ -75,7 +75,7 @@ impl NovaDatabase {
     /// `ca_file` when one is given (a server that does not offer TLS is then refused, never used
     /// in plaintext). Whether plaintext is acceptable is the caller's decision (dev mode or an
     /// explicit waiver).
-    pub fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, String> {
+    pub(crate) fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, String> {
         let opts = mysql_async::Opts::from_url(url)
             .map_err(|_| "--db is not a MySQL URL (mysql://user@host:3306/nova)".to_owned())?;
         let mut builder = mysql_async::OptsBuilder::from_opts(opts);
@@ -106,7 +106,7 @@ impl NovaDatabase {
 
     /// The project of the live (not deleted) instance `uuid`, if Nova has one: the registry
     /// lookup of an instance metapass does not know yet.
-    pub async fn live_project(&self, uuid: &str) -> Result<Option<String>, String> {
+    pub(crate) async fn live_project(&self, uuid: &str) -> Result<Option<String>, String> {
         let mut conn = self.conn().await?;
         let row: Option<Option<String>> = conn
             .exec_first(
@@ -183,7 +183,7 @@ impl NovaDatabase {
     }
 
     /// Closes the connections.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = self.pool.disconnect().await;
     }
 }
@@ -239,7 +239,7 @@ async fn walk(
 }
 
 /// Counts what an import would do, changing nothing (no audit log needed).
-pub async fn dry_run(
+pub(crate) async fn dry_run(
     nova: &NovaDatabase,
     store: &Backend,
     options: &ImportOptions,
@@ -287,7 +287,7 @@ fn answer_import(outcome: &SetOutcome, facts: &mut Facts) -> Result<StatusCode, 
 }
 
 /// Imports every live instance after `options.after`, batch by batch (see the module docs).
-pub async fn run(
+pub(crate) async fn run(
     nova: &NovaDatabase,
     app: &App,
     options: &ImportOptions,

@@ -20,7 +20,7 @@ use crate::ids::{InstanceId, ProjectId};
 use crate::store::RegisterOutcome;
 
 /// The operation name of a registration found by lookup.
-pub const OPERATION: &str = "registry:lookup";
+pub(crate) const OPERATION: &str = "registry:lookup";
 
 /// Nova's database, for lookups.
 pub struct NovaLookup {
@@ -48,7 +48,7 @@ impl NovaLookup {
 
 /// Registers `id` from Nova's database when Nova has it live. True when it is registered (to
 /// Nova's project) now; false when lookups are off, Nova does not have it, or the lookup failed.
-pub async fn register_unknown(app: &App, id: &InstanceId) -> bool {
+pub(crate) async fn register_unknown(app: &App, id: &InstanceId) -> bool {
     let Some(lookup) = &app.nova_lookup else {
         return false;
     };

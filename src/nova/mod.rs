@@ -5,9 +5,9 @@
 //! (caller `System`, surface `admin`), recorded durably before the store commits, exactly like a
 //! request's.
 
-pub mod import;
-pub mod lookup;
-pub mod notifications;
+pub(crate) mod import;
+pub(crate) mod lookup;
+pub(crate) mod notifications;
 
 use crate::api::respond::ApiError;
 use crate::app::App;

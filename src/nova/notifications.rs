@@ -51,7 +51,7 @@ const PREFETCH: u16 = 32;
 
 /// What a notification asks of metapass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     /// `instance.create.end`: register the instance to its project.
     Register {
         /// The instance.
@@ -75,7 +75,7 @@ pub enum Change {
 
 /// A notification metapass could not read: why, and the instance it named, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Malformed {
+pub(crate) struct Malformed {
     /// What is wrong (never quotes the message).
     pub problem: String,
     /// The instance id the message claimed, if it had a readable one.
@@ -91,7 +91,7 @@ fn malformed(problem: impl Into<String>, instance: Option<&str>) -> Malformed {
 
 /// Reads an oslo.messaging notification (the `oslo.message` envelope, or a bare message) into
 /// its event type and the change it asks for.
-pub fn parse(body: &[u8]) -> Result<(String, Change), Malformed> {
+pub(crate) fn parse(body: &[u8]) -> Result<(String, Change), Malformed> {
     let outer: Value =
         serde_json::from_slice(body).map_err(|_| malformed("the message is not JSON", None))?;
     let message = match outer.get("oslo.message") {
@@ -167,7 +167,7 @@ fn answer_clear(outcome: &ClearOutcome, facts: &mut Facts) -> Result<StatusCode,
 
 /// Applies one notification's change, audited. `Err` means it could not be committed (the store
 /// or the audit log failed) and the message should be delivered again.
-pub async fn apply(app: &App, event_type: &str, change: Change) -> Result<(), ApiError> {
+pub(crate) async fn apply(app: &App, event_type: &str, change: Change) -> Result<(), ApiError> {
     let detail = format!("Nova notification {event_type}");
     match change {
         Change::Ignore => Ok(()),
@@ -197,7 +197,7 @@ pub async fn apply(app: &App, event_type: &str, change: Change) -> Result<(), Ap
 }
 
 /// Handles one delivery body: `Ok` to acknowledge it, `Err` to deliver it again later.
-pub async fn handle(app: &App, body: &[u8]) -> Result<(), ApiError> {
+pub(crate) async fn handle(app: &App, body: &[u8]) -> Result<(), ApiError> {
     match parse(body) {
         Ok((event_type, change)) => apply(app, &event_type, change).await,
         Err(bad) => {
@@ -210,7 +210,7 @@ pub async fn handle(app: &App, body: &[u8]) -> Result<(), ApiError> {
 
 /// Consumes notifications until shutdown, reconnecting with backoff whenever the connection or
 /// the channel fails.
-pub async fn run(app: Arc<App>, settings: NotificationSettings) {
+pub(crate) async fn run(app: Arc<App>, settings: NotificationSettings) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         if app.shutting_down.load(Ordering::SeqCst) {

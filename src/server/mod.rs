@@ -14,7 +14,7 @@
 //! accepting, lets in-flight requests finish (each is audited), and returns once every connection
 //! is done or the drain deadline passes.
 
-pub mod pressure;
+pub(crate) mod pressure;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -41,11 +41,11 @@ use crate::limits::ConnectionCaps;
 use crate::tls::{ListenerTls, version_name};
 
 /// How long in-flight connections may take to finish after shutdown begins.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The backlog of each listening socket: a burst of connections waits here instead of being
 /// dropped (the kernel caps it at `net.core.somaxconn`).
-pub const ACCEPT_BACKLOG: u32 = 4096;
+pub(crate) const ACCEPT_BACKLOG: u32 = 4096;
 
 /// The largest PROXY v2 header accepted (the fixed part, addresses, and TLVs).
 const MAX_PROXY_HEADER: usize = 1024;
@@ -55,7 +55,7 @@ const MAX_PROXY_HEADER: usize = 1024;
 const PROXY_FIXED_LEN: usize = 16;
 
 /// A bound listening socket with what it serves.
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// The listener's configuration.
     pub config: Arc<ListenerConfig>,
     /// The socket.
@@ -66,7 +66,10 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Binds `config.address` with [`ACCEPT_BACKLOG`].
-    pub fn bind(config: ListenerConfig, tls: Option<Arc<ListenerTls>>) -> std::io::Result<Self> {
+    pub(crate) fn bind(
+        config: ListenerConfig,
+        tls: Option<Arc<ListenerTls>>,
+    ) -> std::io::Result<Self> {
         let addr = config.address;
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -83,7 +86,7 @@ impl Endpoint {
     }
 
     /// The URL clients reach this endpoint at.
-    pub fn url(&self) -> std::io::Result<String> {
+    pub(crate) fn url(&self) -> std::io::Result<String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         Ok(format!("{scheme}://{}", self.tcp.local_addr()?))
     }
@@ -204,7 +207,11 @@ async fn read_proxy_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, St
 }
 
 /// Serves every endpoint until `shutdown` resolves, then drains.
-pub async fn run(app: Arc<App>, endpoints: Vec<Endpoint>, shutdown: impl Future<Output = ()>) {
+pub(crate) async fn run(
+    app: Arc<App>,
+    endpoints: Vec<Endpoint>,
+    shutdown: impl Future<Output = ()>,
+) {
     let (stop, stopping) = watch::channel(false);
     let shared = Arc::new(Shared {
         builder: http_builder(&app.limits),

@@ -26,7 +26,7 @@ const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One live connection, as its listener sees it.
 #[derive(Debug)]
-pub struct ConnState {
+pub(crate) struct ConnState {
     id: u64,
     /// The TCP peer's address (the load balancer's, behind a PROXY-protocol one).
     source: IpAddr,
@@ -45,27 +45,27 @@ pub struct ConnState {
 impl ConnState {
     /// The connection is past its handshakes and serving HTTP: from now on it closes itself
     /// gracefully when shed.
-    pub fn set_serving(&self) {
+    pub(crate) fn set_serving(&self) {
         self.serving.store(true, Ordering::SeqCst);
     }
 
     /// Whether it is serving HTTP.
-    pub fn is_serving(&self) -> bool {
+    pub(crate) fn is_serving(&self) -> bool {
         self.serving.load(Ordering::SeqCst)
     }
 
     /// When the connection was accepted.
-    pub fn accepted(&self) -> Instant {
+    pub(crate) fn accepted(&self) -> Instant {
         self.accepted
     }
 
     /// A request began.
-    pub fn request_started(&self) {
+    pub(crate) fn request_started(&self) {
         self.active.fetch_add(1, Ordering::SeqCst);
     }
 
     /// A request ended (answered, or abandoned by its client).
-    pub fn request_finished(&self) {
+    pub(crate) fn request_finished(&self) {
         let ms = u64::try_from(self.accepted.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_done_ms.store(ms, Ordering::SeqCst);
         self.served.fetch_add(1, Ordering::SeqCst);
@@ -73,18 +73,18 @@ impl ConnState {
     }
 
     /// Requests in flight.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
     }
 
     /// Requests completed.
-    pub fn served(&self) -> u64 {
+    pub(crate) fn served(&self) -> u64 {
         self.served.load(Ordering::SeqCst)
     }
 
     /// Since when the connection has been waiting for a client: its acceptance before the first
     /// request, the end of the last request after it.
-    pub fn waiting_since(&self) -> Instant {
+    pub(crate) fn waiting_since(&self) -> Instant {
         if self.served() == 0 {
             self.accepted
         } else {
@@ -93,12 +93,12 @@ impl ConnState {
     }
 
     /// Whether the listener asked this connection to give way.
-    pub fn is_shed(&self) -> bool {
+    pub(crate) fn is_shed(&self) -> bool {
         self.shed.load(Ordering::SeqCst)
     }
 
     /// Resolves once the listener asks this connection to give way.
-    pub async fn shed_requested(&self) {
+    pub(crate) async fn shed_requested(&self) {
         loop {
             let notified = self.notify.notified();
             if self.is_shed() {
@@ -116,7 +116,7 @@ impl ConnState {
 
 /// One listener's connections.
 #[derive(Debug)]
-pub struct Registry {
+pub(crate) struct Registry {
     cap: usize,
     next_id: AtomicU64,
     live: Mutex<HashMap<u64, Arc<ConnState>>>,
@@ -126,7 +126,7 @@ pub struct Registry {
 
 /// A registered connection; leaves the registry when dropped.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     registry: Arc<Registry>,
     /// The connection's state, shared with its requests.
     pub state: Arc<ConnState>,
@@ -148,7 +148,7 @@ impl Drop for Admitted {
 
 /// How an admission went.
 #[derive(Debug)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Room was free.
     Admitted(Admitted),
     /// Room was made by shedding another connection.
@@ -159,7 +159,7 @@ pub enum Admission {
 
 impl Registry {
     /// A registry for at most `cap` connections.
-    pub fn new(cap: usize) -> Arc<Self> {
+    pub(crate) fn new(cap: usize) -> Arc<Self> {
         Arc::new(Self {
             cap: cap.max(1),
             next_id: AtomicU64::new(0),
@@ -169,7 +169,7 @@ impl Registry {
     }
 
     /// Connections held now.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.live
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -177,12 +177,12 @@ impl Registry {
     }
 
     /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Admits a new connection, shedding one that serves nobody if the listener is full.
-    pub fn admit(self: &Arc<Self>, source: IpAddr) -> Admission {
+    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Admission {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         // Connections already asked to give way are on their way out and do not count.
         let holding = live.values().filter(|c| !c.is_shed()).count();
@@ -237,7 +237,7 @@ impl Registry {
 
     /// `base` shortened as the listener fills: whole below half full, then down linearly to a
     /// tenth at full, never below one second (nor above `base`).
-    pub fn scaled(&self, base: Duration) -> Duration {
+    pub(crate) fn scaled(&self, base: Duration) -> Duration {
         let occupancy = self.len() as f64 / self.cap as f64;
         let factor = if occupancy <= 0.5 {
             1.0
@@ -248,7 +248,7 @@ impl Registry {
     }
 
     /// Asks every connection to give way (shutdown) and waits until none is left or `deadline`.
-    pub async fn drain(&self, deadline: Instant) {
+    pub(crate) async fn drain(&self, deadline: Instant) {
         loop {
             let emptied = self.emptied.notified();
             {
