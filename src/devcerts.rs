@@ -137,6 +137,8 @@ impl Out {
 
 /// Writes a fresh set of dev certificates into `out`, leaf certificates valid for `leaf_days`, and
 /// returns the files written.
+///
+/// Long on purpose: a linear recipe (the CA, then each leaf), one certificate after another.
 pub(crate) fn generate(out: &Path, leaf_days: u32) -> Result<Vec<PathBuf>, DevCertError> {
     fs::create_dir_all(out)?;
     let mut out = Out {

@@ -128,6 +128,8 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A registry with every metric registered.
+    ///
+    /// Long on purpose: it is the list of every metric, one registration each.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("metapass");
         let requests = Family::<RequestLabels, Counter>::default();

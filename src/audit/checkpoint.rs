@@ -182,6 +182,9 @@ pub struct PublicReport {
 }
 
 /// Verifies `files` (in chain order) with the checkpoint public key alone.
+///
+/// Long on purpose: one pass over the lines, a small state machine (segment digest, checkpoint check,
+/// warnings) whose steps only make sense together.
 pub fn verify_public(public: &[u8], files: &[PathBuf]) -> std::io::Result<PublicReport> {
     let mut report = PublicReport::default();
     // Two running digests: from the first line given (for a checkpoint that covers the whole log)

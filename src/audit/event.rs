@@ -740,6 +740,9 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// Encodes `facts` and the answered `status` as an open event line (see the module docs).
+///
+/// Long on purpose: the order of the writes is the order of the members on the line, which the
+/// golden vectors pin; one function lets the layout be read top to bottom.
 pub fn encode(facts: &Facts, status: u16, latency: Duration) -> Vec<u8> {
     let (activity_id, activity_name) = facts.activity.id_and_name();
     let outcome = facts.reason.outcome();

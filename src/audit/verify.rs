@@ -156,6 +156,9 @@ impl<'k> Verifier<'k> {
     }
 
     /// Verifies one more file; `false` once a problem ends the verification.
+    ///
+    /// Long on purpose: the line-by-line state machine of the chain (sequence, MAC, file links) reads
+    /// best as one loop.
     fn feed(&mut self, path: &Path, content: &[u8]) -> bool {
         let report = &mut self.report;
         let file_index = report.files;

@@ -600,6 +600,9 @@ impl Writer {
     }
 
     /// Writes the batch; on success `written` holds each event's position, in batch order.
+    ///
+    /// Long on purpose: the order of its steps (file identity, write, fsync, identity again, checkpoint)
+    /// is the durability argument, and reads as one sequence.
     fn write_batch(&mut self, batch: &[Item], written: &mut Vec<Written>) -> io::Result<()> {
         let must_sync = self.sync == SyncMode::Always
             || batch.iter().any(|i| match i {

@@ -70,6 +70,8 @@ fn secret_file(
 }
 
 impl RawKeystone {
+    /// The settings: the URL, the service's credentials (a user with a password file, or an
+    /// application credential), the CA, and the cache and timeout bounds, each checked in turn.
     pub(super) fn validate(
         self,
         path: &Path,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::secrets::{read_secret_file, under};
+use super::secrets::url_password;
 use super::{ConfigError, err};
 
 /// Where Nova's versioned notifications arrive (oslo.messaging on RabbitMQ).
@@ -73,17 +73,15 @@ impl RawNotifications {
                 "[nova_notifications] url must be amqp:// (this build has no AMQP over TLS; keep the broker on a protected network)",
             ));
         }
-        if url.password().is_some() && !dev_mode {
-            return Err(err(
-                path,
-                "a password in [nova_notifications] url is only allowed with dev_mode = true; use password_file",
-            ));
-        }
-        if let Some(file) = self.password_file {
-            let password = read_secret_file(&under(base, &file), dev_mode, warnings)?;
-            url.set_password(Some(&password))
-                .map_err(|()| err(path, "[nova_notifications] url cannot carry a password"))?;
-        }
+        url_password(
+            &mut url,
+            "nova_notifications",
+            self.password_file.as_deref(),
+            path,
+            base,
+            dev_mode,
+            warnings,
+        )?;
         for (name, value) in [
             ("exchange", &self.exchange),
             ("topic", &self.topic),

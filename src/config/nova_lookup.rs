@@ -15,7 +15,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use super::secrets::{read_secret_file, under};
+use super::secrets::{under, url_password};
 use super::{ConfigError, err};
 
 /// Where and how to look an unknown instance up in Nova's database.
@@ -59,17 +59,15 @@ impl RawNovaLookup {
         if url.scheme() != "mysql" {
             return Err(err(path, "[nova_lookup] url must be mysql://"));
         }
-        if url.password().is_some() && !dev_mode {
-            return Err(err(
-                path,
-                "a password in [nova_lookup] url is only allowed with dev_mode = true; use password_file",
-            ));
-        }
-        if let Some(file) = self.password_file {
-            let password = read_secret_file(&under(base, &file), dev_mode, warnings)?;
-            url.set_password(Some(&password))
-                .map_err(|()| err(path, "[nova_lookup] url cannot carry a password"))?;
-        }
+        url_password(
+            &mut url,
+            "nova_lookup",
+            self.password_file.as_deref(),
+            path,
+            base,
+            dev_mode,
+            warnings,
+        )?;
         if !(100..=30_000).contains(&self.timeout_ms) {
             return Err(err(path, "[nova_lookup] timeout_ms must be 100 to 30000"));
         }

@@ -10,6 +10,33 @@ use zeroize::Zeroizing;
 
 use super::{ConfigError, err};
 
+/// Puts the password of `[section]` into its `url`: from `password_file` (owner-only outside dev
+/// mode); a password written in the URL itself is only for dev mode.
+pub(super) fn url_password(
+    url: &mut url::Url,
+    section: &str,
+    password_file: Option<&Path>,
+    path: &Path,
+    base: &Path,
+    dev_mode: bool,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    if url.password().is_some() && !dev_mode {
+        return Err(err(
+            path,
+            format!(
+                "a password in [{section}] url is only allowed with dev_mode = true; use password_file"
+            ),
+        ));
+    }
+    if let Some(file) = password_file {
+        let password = read_secret_file(&under(base, file), dev_mode, warnings)?;
+        url.set_password(Some(&password))
+            .map_err(|()| err(path, format!("[{section}] url cannot carry a password")))?;
+    }
+    Ok(())
+}
+
 /// Resolves `p` against `base` unless it is absolute.
 pub(super) fn under(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {

@@ -224,6 +224,9 @@ pub(crate) async fn run(app: Arc<App>, settings: NotificationSettings) {
     }
 }
 
+/// One connection's life: connect, declare the exchange and queue, bind, consume until the
+/// connection fails (the caller reconnects with backoff). Long on purpose: the AMQP setup steps
+/// must happen in this order, and each failure is told apart for the log.
 async fn consume(
     app: &App,
     settings: &NotificationSettings,

@@ -313,6 +313,9 @@ async fn accept_loop(
     }
 }
 
+/// One connection from accept to close: PROXY header, the per-source cap, TLS, protocol detection,
+/// then HTTP/1 or HTTP/2 with their timers. Long on purpose: each stage has its own deadline and
+/// refusal, and their order is the defence (nothing is parsed before its stage is reached).
 async fn connection(
     shared: &Shared,
     listener: &Listener,

@@ -353,6 +353,9 @@ fn writer_loop(
     tracing::debug!("SQLite writer stopped: no more senders");
 }
 
+/// Runs one batch of writes in one transaction: each job, then every gate, then one commit (or a
+/// rollback of all). Long on purpose: the group commit's order (no commit before every gate said
+/// yes) is the audit guarantee, and reads as one sequence.
 fn run_batch(
     conn: &mut Connection,
     mut batch: Vec<Box<dyn Job>>,
