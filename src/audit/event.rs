@@ -66,83 +66,110 @@ impl Outcome {
     }
 }
 
-/// Why a request ended as it did: a stable, documented code (see `SECURITY.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum Reason {
+/// Declares [`Reason`] with each code written once: the enum, its code as events carry it
+/// ([`Reason::as_str`], also its JSON form) and the list of all of them ([`Reason::ALL`]).
+macro_rules! reasons {
+    ($( $(#[$doc:meta])* $variant:ident = $code:literal, )*) => {
+        /// Why a request ended as it did: a stable, documented code (see `SECURITY.md`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub enum Reason {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl Reason {
+            /// Every reason, in the order declared.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant),*];
+
+            /// The snake_case code, as written in events.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $code,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
     /// Success.
-    Ok,
+    Ok = "ok",
     /// A malformed request not covered by a more specific code.
-    BadRequest,
+    BadRequest = "bad_request",
     /// HTTP that could not be parsed (request line, header syntax); hyper answered 400.
-    MalformedRequest,
+    MalformedRequest = "malformed_request",
     /// A request head (line plus headers) over the size or count limits; hyper answered 431.
-    HeadTooLarge,
+    HeadTooLarge = "head_too_large",
     /// A required header is absent.
-    MissingHeader,
+    MissingHeader = "missing_header",
     /// A header that must appear once appears more than once.
-    DuplicateHeader,
+    DuplicateHeader = "duplicate_header",
     /// A header value that is not valid (not text, not an address, ...).
-    InvalidHeader,
+    InvalidHeader = "invalid_header",
     /// No such route, version or resource.
-    NotFound,
+    NotFound = "not_found",
     /// The instance is not registered.
-    UnknownInstance,
+    UnknownInstance = "unknown_instance",
     /// A method the route does not support.
-    MethodNotAllowed,
+    MethodNotAllowed = "method_not_allowed",
     /// The body is longer than the route allows.
-    BodyTooLarge,
+    BodyTooLarge = "body_too_large",
     /// The body is not acceptable (encoding, control characters, JSON shape).
-    BodyInvalid,
+    BodyInvalid = "body_invalid",
     /// The body is empty where content is required.
-    BodyEmpty,
+    BodyEmpty = "body_empty",
     /// The body did not arrive in time.
-    BodyTimeout,
+    BodyTimeout = "body_timeout",
     /// The request conflicts with the current state (password already set, owned elsewhere).
-    Conflict,
+    Conflict = "conflict",
     /// The instance signature does not match.
-    BadSignature,
+    BadSignature = "bad_signature",
     /// The claimed tenant does not own the instance.
-    TenantMismatch,
+    TenantMismatch = "tenant_mismatch",
     /// No credentials, or unknown credentials.
-    Unauthenticated,
+    Unauthenticated = "unauthenticated",
     /// Authenticated, but the policy denies the action.
-    Forbidden,
+    Forbidden = "forbidden",
     /// The target belongs to another project (answered exactly like a missing one).
-    NotOwner,
+    NotOwner = "not_owner",
     /// Signed proxy headers without the metadata proxy's client certificate (`mtls+signature`).
-    ProxyCertificateRequired,
+    ProxyCertificateRequired = "proxy_certificate_required",
     /// A rate limit was hit.
-    RateLimited,
+    RateLimited = "rate_limited",
     /// A stored record failed authentication: tampered, swapped, missing or foreign chunks.
-    Integrity,
+    Integrity = "integrity",
     /// The store could not be reached or failed.
-    StoreUnavailable,
+    StoreUnavailable = "store_unavailable",
     /// Keystone could not validate a token (unreachable, failing, or refusing metapass's own
     /// credentials); nothing was released.
-    IdentityUnavailable,
+    IdentityUnavailable = "identity_unavailable",
     /// A correctly identified instance that the registry does not know yet (its create
     /// notification is still on its way); nothing was revealed or stored.
-    NotYetRegistered,
+    NotYetRegistered = "not_yet_registered",
     /// The audit log could not record the event; nothing was released or changed.
-    AuditUnavailable,
+    AuditUnavailable = "audit_unavailable",
     /// The store refused to commit after the event was recorded; this event corrects that one.
-    CommitFailed,
+    CommitFailed = "commit_failed",
     /// A readiness check found the service not ready.
-    NotReady,
+    NotReady = "not_ready",
     /// A certificate reload failed; the previous certificate is still served.
-    CertificateReloadFailed,
+    CertificateReloadFailed = "certificate_reload_failed",
     /// The active data key has sealed its limit; nothing was sealed until keys are rotated.
-    KeyExhausted,
+    KeyExhausted = "key_exhausted",
     /// A keyring was refused (a secret differs from the one that sealed records, or a key that
     /// records still need is missing); the keys in use stay.
-    KeyringRefused,
+    KeyringRefused = "keyring_refused",
     /// The audit file being written was deleted or replaced behind the writer's back; the events
     /// it held are no longer in the log directory (the writer's own incident event).
-    AuditFileLost,
+    AuditFileLost = "audit_file_lost",
     /// An unexpected internal error.
-    Internal,
+    Internal = "internal",
+}
+
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 impl Reason {
@@ -964,43 +991,7 @@ pub(crate) fn open_line(
 
 /// The snake_case code of a reason, as written in events.
 pub fn reason_str(reason: Reason) -> &'static str {
-    use Reason::*;
-    match reason {
-        Ok => "ok",
-        BadRequest => "bad_request",
-        MalformedRequest => "malformed_request",
-        HeadTooLarge => "head_too_large",
-        MissingHeader => "missing_header",
-        DuplicateHeader => "duplicate_header",
-        InvalidHeader => "invalid_header",
-        NotFound => "not_found",
-        UnknownInstance => "unknown_instance",
-        MethodNotAllowed => "method_not_allowed",
-        BodyTooLarge => "body_too_large",
-        BodyInvalid => "body_invalid",
-        BodyEmpty => "body_empty",
-        BodyTimeout => "body_timeout",
-        Conflict => "conflict",
-        BadSignature => "bad_signature",
-        TenantMismatch => "tenant_mismatch",
-        Unauthenticated => "unauthenticated",
-        Forbidden => "forbidden",
-        NotOwner => "not_owner",
-        ProxyCertificateRequired => "proxy_certificate_required",
-        RateLimited => "rate_limited",
-        Integrity => "integrity",
-        StoreUnavailable => "store_unavailable",
-        IdentityUnavailable => "identity_unavailable",
-        NotYetRegistered => "not_yet_registered",
-        AuditUnavailable => "audit_unavailable",
-        CommitFailed => "commit_failed",
-        NotReady => "not_ready",
-        CertificateReloadFailed => "certificate_reload_failed",
-        KeyExhausted => "key_exhausted",
-        KeyringRefused => "keyring_refused",
-        AuditFileLost => "audit_file_lost",
-        Internal => "internal",
-    }
+    reason.as_str()
 }
 
 #[cfg(test)]
@@ -1008,43 +999,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reason_codes_match_their_serde_names() {
-        use Reason::*;
-        for r in [
-            Ok,
-            BadRequest,
-            MissingHeader,
-            DuplicateHeader,
-            InvalidHeader,
-            NotFound,
-            UnknownInstance,
-            MethodNotAllowed,
-            BodyTooLarge,
-            BodyInvalid,
-            BodyEmpty,
-            BodyTimeout,
-            Conflict,
-            BadSignature,
-            TenantMismatch,
-            Unauthenticated,
-            Forbidden,
-            NotOwner,
-            RateLimited,
-            ProxyCertificateRequired,
-            Integrity,
-            StoreUnavailable,
-            IdentityUnavailable,
-            NotYetRegistered,
-            AuditUnavailable,
-            CommitFailed,
-            NotReady,
-            CertificateReloadFailed,
-            KeyExhausted,
-            KeyringRefused,
-            Internal,
-        ] {
-            assert_eq!(serde_json::to_value(r).unwrap(), reason_str(r));
+    fn reason_codes_are_unique_snake_case_and_their_json_form() {
+        let mut seen = std::collections::HashSet::new();
+        for &r in Reason::ALL {
+            let code = r.as_str();
+            assert!(seen.insert(code), "{code} twice");
+            assert!(
+                code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{code}"
+            );
+            assert_eq!(serde_json::to_value(r).unwrap(), code);
         }
+        assert_eq!(Reason::ALL.len(), 34);
     }
 
     #[test]
