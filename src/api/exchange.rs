@@ -94,11 +94,7 @@ impl Exchange {
         });
         match verdict.refusal {
             None => Ok(()),
-            Some(Refusal::Forbidden) => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                Reason::Forbidden,
-                format!("Policy does not allow {} to be performed.", action.as_str()),
-            )),
+            Some(Refusal::Forbidden) => Err(ApiError::forbidden_by_policy(action.as_str())),
             Some(Refusal::NotVisible) => {
                 // The same answer either way; the audit reason tells a reviewer which it was.
                 let mut e = not_found.clone();

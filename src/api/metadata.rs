@@ -332,13 +332,7 @@ async fn post_password<B: super::RequestBody>(
         // Signed for an instance the registry does not know yet: "try again shortly" (503 passes
         // the Neutron proxy; cloudbase-init retries), without reading the body or storing anything.
         not_yet_registered(ex);
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Reason::NotYetRegistered,
-            "This instance is not registered yet; post the password again shortly.",
-        )
-        .with_retry_after(NOT_YET_REGISTERED_RETRY_SECS)
-        .closing());
+        return Err(ApiError::not_yet_registered(NOT_YET_REGISTERED_RETRY_SECS).closing());
     };
     check_owner(
         app,

@@ -125,6 +125,38 @@ impl ApiError {
         .with_retry_after(limited.retry_after_secs)
     }
 
+    /// 403: the caller may know the target, but policy does not allow `action`.
+    pub fn forbidden_by_policy(action: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            Reason::Forbidden,
+            format!("Policy does not allow {action} to be performed."),
+        )
+    }
+
+    /// 503 on the instance API (it passes the Neutron proxy; cloudbase-init retries): the
+    /// instance is identified but not registered yet, nothing was read or stored.
+    pub fn not_yet_registered(retry_after: u64) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::NotYetRegistered,
+            "This instance is not registered yet; post the password again shortly.",
+        )
+        .with_retry_after(retry_after)
+    }
+
+    /// 503: an HTTP/2 request beyond the connection's stream limit.
+    pub fn streams_exceeded(max: u32) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Reason::RateLimited,
+            format!(
+                "Too many concurrent streams on this connection (at most {max}); retry shortly."
+            ),
+        )
+        .with_retry_after(1)
+    }
+
     /// 404 with a reason.
     pub fn not_found(reason: Reason, message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StatusCode::NOT_FOUND, reason, message)

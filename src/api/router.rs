@@ -2,7 +2,7 @@
 //! passes before any handler (stream cap, the client behind trusted proxies, the pre-authentication
 //! limit, the listener's surfaces, framing), then the surface's handler.
 
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response};
 
 use super::exchange::Exchange;
 use super::respond::{ApiError, Body};
@@ -54,15 +54,9 @@ pub(crate) async fn route<B: RequestBody>(
     let path = req.uri().path();
     ex.facts.surface = surface_of(&app.compute_api, path);
     if req.extensions().get::<StreamsExceeded>().is_some() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Reason::RateLimited,
-            format!(
-                "Too many concurrent streams on this connection (at most {}); retry shortly.",
-                app.limits.h2_max_concurrent_streams
-            ),
-        )
-        .with_retry_after(1));
+        return Err(ApiError::streams_exceeded(
+            app.limits.h2_max_concurrent_streams,
+        ));
     }
     // Who the client is (behind trusted proxies) comes first: it is what the source limit counts.
     resolve_client(ex, req.headers())?;

@@ -274,13 +274,10 @@ fn answer_import(outcome: &SetOutcome, facts: &mut Facts) -> Result<StatusCode, 
             facts.detail = Some("metapass already has a password for this instance; kept".into());
             Ok(StatusCode::OK)
         }
-        SetOutcome::NotFound => Err(ApiError::not_found(
-            Reason::UnknownInstance,
+        SetOutcome::NotFound => Err(ApiError::unknown_instance(
             "The instance vanished during the import.",
         )),
-        SetOutcome::ProjectMismatch => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            Reason::Conflict,
+        SetOutcome::ProjectMismatch => Err(ApiError::conflict(
             "The instance is registered to another project; left as it is.",
         )),
     }
