@@ -17,7 +17,7 @@
 //!                                                  pre-auth limit, listener's surfaces, framing
 //!  -> api::{metadata, compute, admin, health, keys}::handle
 //!       -> api::caller::{identify_instance, authenticate_token}
-//!            -> identity::authenticate::Identities (certificate | proxy signature | token file | Keystone)
+//!            -> identity::authenticate::Identities::{instance, token} (certificate | proxy signature | token file | Keystone)
 //!            -> post-auth limit (instance, project or admin)
 //!       -> api::exchange::Exchange::authorize -> policy::Policy::decide (404 across projects)
 //!       -> api::body::read_limited, validation

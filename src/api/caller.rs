@@ -11,7 +11,7 @@ use crate::audit::event::bounded;
 use crate::audit::{AuthMethod, CallerKind};
 use crate::identity::TokenCaller;
 use crate::identity::authenticate::{
-    Attempt, Caller, Expected, IdentityError, InstanceCaller, Method, Presented,
+    Attempt, Caller, IdentityError, InstanceCaller, Method, Presented,
 };
 
 /// The owner or administrator an `X-Auth-Token` names (see
@@ -22,10 +22,7 @@ pub(crate) async fn authenticate_token(
     headers: &HeaderMap,
 ) -> Result<TokenCaller, ApiError> {
     let cert = ex.conn.client_cert.as_ref();
-    let attempt = app
-        .identities
-        .authenticate(Expected::Token, cert, headers, ex.deadline)
-        .await;
+    let attempt = app.identities.token(cert, headers, ex.deadline).await;
     record_presented(app, ex, &attempt.presented);
     let caller = match attempt.result {
         Ok(Caller::Token(caller)) => caller,
@@ -94,7 +91,7 @@ pub(crate) fn identify_instance(
 }
 
 /// A certificate names its instance whatever else the request sent.
-fn record_certificate_instance(ex: &mut Exchange, attempt: &Attempt) {
+fn record_certificate_instance(ex: &mut Exchange, attempt: &Attempt<'_>) {
     let instance = match &attempt.result {
         Ok(Caller::Instance(caller)) => &caller.instance,
         Err(IdentityError::ProxyHeadersWithCertificate { instance }) => instance,
@@ -122,7 +119,7 @@ fn refuse(app: &App, ex: &mut Exchange, error: IdentityError) -> ApiError {
     ApiError::from(error)
 }
 
-fn record_presented(app: &App, ex: &mut Exchange, presented: &Presented) {
+fn record_presented(app: &App, ex: &mut Exchange, presented: &Presented<'_>) {
     let facts = &mut ex.facts.caller;
     if let Some(method) = presented.method {
         facts.auth = match method {
@@ -136,7 +133,7 @@ fn record_presented(app: &App, ex: &mut Exchange, presented: &Presented) {
         facts.claimed_instance = presented.claimed_instance.as_deref().map(bounded);
         facts.claimed_tenant = presented.claimed_tenant.as_deref().map(bounded);
     }
-    if let Some(token) = presented.token_bytes() {
+    if let Some(token) = presented.token {
         facts.credential_fingerprint = Some(app.auditor.keys().fingerprint(token));
     }
 }

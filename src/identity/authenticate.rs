@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use http::HeaderMap;
-use secrecy::{ExposeSecret, SecretSlice, SecretString};
+use secrecy::SecretString;
 use subtle::ConstantTimeEq;
 
 use super::keystone::{Keystone, KeystoneError};
@@ -30,15 +30,6 @@ pub enum Method {
     Token,
     /// A token Keystone was asked about.
     KeystoneToken,
-}
-
-/// What the caller must be: the instance API takes instances, the others tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expected {
-    /// An instance, by certificate or by the proxy's signature.
-    Instance,
-    /// An owner or administrator, by `X-Auth-Token`.
-    Token,
 }
 
 /// An instance, identified.
@@ -134,9 +125,10 @@ impl From<KeystoneError> for IdentityError {
     }
 }
 
-/// What a request presented, verified or not: what its audit event records of the attempt.
+/// What a request presented, verified or not: what its audit event records of the attempt. The
+/// token is borrowed from the request's headers, not copied: the caller step only fingerprints it.
 #[derive(Default)]
-pub struct Presented {
+pub struct Presented<'h> {
     /// The last method tried.
     pub method: Option<Method>,
     /// `X-Instance-ID` as sent.
@@ -144,13 +136,13 @@ pub struct Presented {
     /// `X-Tenant-ID` as sent.
     pub claimed_tenant: Option<String>,
     /// The token's bytes as sent (fingerprinted for the event, never written).
-    pub token: Option<SecretSlice<u8>>,
+    pub token: Option<&'h [u8]>,
 }
 
 /// An authentication attempt: what was presented and who, if anyone, it proved.
-pub struct Attempt {
+pub struct Attempt<'h> {
     /// What was presented.
-    pub presented: Presented,
+    pub presented: Presented<'h>,
     /// The verdict.
     pub result: Result<Caller, IdentityError>,
 }
@@ -224,25 +216,11 @@ pub struct Identities {
 }
 
 impl Identities {
-    /// Who is calling, as `expected`: see [`Identities::instance`] and [`Identities::token`].
-    pub async fn authenticate(
-        &self,
-        expected: Expected,
-        cert: Option<&ClientCert>,
-        headers: &HeaderMap,
-        deadline: Instant,
-    ) -> Attempt {
-        match expected {
-            Expected::Instance => self.instance(cert, headers),
-            Expected::Token => self.token(cert, headers, deadline).await,
-        }
-    }
-
     /// The calling instance: by its client certificate (the tenant is then whatever the registry
     /// says), or by the proxy's signed headers, checked in Nova's order (see
     /// [`ProxySigner::verify`]). In `mtls+signature` mode the headers count only on a connection
     /// with the metadata proxy's client certificate.
-    pub fn instance(&self, cert: Option<&ClientCert>, headers: &HeaderMap) -> Attempt {
+    pub fn instance<'h>(&self, cert: Option<&ClientCert>, headers: &'h HeaderMap) -> Attempt<'h> {
         let mut presented = Presented::default();
         if let Some(id) = cert.and_then(|c| c.instance_id.clone()) {
             presented.method = Some(Method::ClientCertificate);
@@ -275,12 +253,12 @@ impl Identities {
 
     /// The owner or administrator an `X-Auth-Token` names: the token file first (compared in
     /// constant time), then Keystone when one is configured.
-    pub async fn token(
+    pub async fn token<'h>(
         &self,
         cert: Option<&ClientCert>,
-        headers: &HeaderMap,
+        headers: &'h HeaderMap,
         deadline: Instant,
-    ) -> Attempt {
+    ) -> Attempt<'h> {
         let mut presented = Presented {
             method: Some(Method::Token),
             ..Presented::default()
@@ -291,7 +269,7 @@ impl Identities {
             (Some(_), Some(_)) => return presented.refused(IdentityError::TokenRepeated),
             (Some(v), None) => v,
         };
-        presented.token = Some(SecretSlice::from(token.as_bytes().to_vec()));
+        presented.token = Some(token.as_bytes());
         let token = SecretString::from(String::from_utf8_lossy(token.as_bytes()).into_owned());
         let mut verdict = self.tokens.vouch(&token, cert, deadline).await;
         if verdict.is_none()
@@ -307,22 +285,17 @@ impl Identities {
     }
 }
 
-impl Presented {
-    fn refused(self, error: IdentityError) -> Attempt {
+impl<'h> Presented<'h> {
+    fn refused(self, error: IdentityError) -> Attempt<'h> {
         Attempt {
             presented: self,
             result: Err(error),
         }
     }
-
-    /// The token presented, for fingerprinting.
-    pub fn token_bytes(&self) -> Option<&[u8]> {
-        self.token.as_ref().map(|t| t.expose_secret())
-    }
 }
 
 /// The instance a verified signature names, as identifiers.
-fn signed_instance(presented: &Presented) -> Result<Caller, IdentityError> {
+fn signed_instance(presented: &Presented<'_>) -> Result<Caller, IdentityError> {
     let claimed = presented.claimed_instance.clone().unwrap_or_default();
     let instance =
         InstanceId::parse(&claimed).map_err(|_| IdentityError::MalformedInstance { claimed })?;
