@@ -19,10 +19,19 @@
 //! different labels, and neither is a data key: audit readers never need a key that opens passwords.
 //! A third label derives the Ed25519 seed that signs checkpoints (see [`super::checkpoint`]):
 //! its public key verifies the log without any secret.
+//!
+//! The HMACs are RustCrypto's (`hmac` over `sha2`), not ring's: every event line is MACed, and
+//! `sha2` uses the CPU's SHA extensions where it has them (about four times ring's speed on a
+//! 2 KB line, `benches/hot_path.rs`). Each key is kept as an HMAC state with the key already
+//! absorbed, cloned per line, so a MAC costs only the line's blocks and the outer block.
 
+use hmac::{KeyInit, Mac};
+use ring::hkdf;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
-use ring::{hkdf, hmac};
 use serde::Deserialize;
+
+/// HMAC-SHA256, keyed once.
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// The `prev` of the first line ever written.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -47,8 +56,8 @@ pub struct AuditKeyError;
 
 /// The audit keys: one MACs the chain, one fingerprints sensitive values.
 pub struct AuditKeys {
-    chain: hmac::Key,
-    fingerprint: hmac::Key,
+    chain: HmacSha256,
+    fingerprint: HmacSha256,
     checkpoint: Ed25519KeyPair,
 }
 
@@ -57,7 +66,7 @@ pub const PUBLIC_KEY_LEN: usize = 32;
 /// Domain separation for the signed checkpoint message.
 const CHECKPOINT_CONTEXT: &[u8] = b"metapass.audit.checkpoint.v1\0";
 
-/// An HKDF output of 32 bytes (the Ed25519 seed).
+/// An HKDF output of 32 bytes (an HMAC-SHA256 key, the Ed25519 seed).
 struct Seed;
 
 impl hkdf::KeyType for Seed {
@@ -96,17 +105,21 @@ impl AuditKeys {
             return Err(AuditKeyError);
         }
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(secret);
-        let derive = |label: &'static [u8]| -> hmac::Key {
-            let labels = [label];
-            // HKDF-SHA256 can expand to 255 * 32 bytes; one HMAC key is always within that.
-            prk.expand(&labels, hmac::HMAC_SHA256)
-                .expect("one HMAC key is within HKDF's output limit")
-                .into()
+        let expand = |label: &'static [u8]| -> zeroize::Zeroizing<[u8; 32]> {
+            let mut okm = zeroize::Zeroizing::new([0u8; 32]);
+            // HKDF-SHA256 can expand to 255 * 32 bytes; 32 are always within that.
+            prk.expand(&[label], Seed)
+                .and_then(|expanded| expanded.fill(okm.as_mut()))
+                .expect("32 bytes are within HKDF's output limit");
+            okm
         };
-        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-        prk.expand(&[b"checkpoint-signing".as_slice()], Seed)
-            .and_then(|okm| okm.fill(seed.as_mut()))
-            .expect("32 bytes are within HKDF's output limit");
+        // An HMAC key is HKDF's 32-byte output for its label (what ring's `hmac::Key` from an
+        // HKDF expansion was: the golden vectors below hold that).
+        let derive = |label: &'static [u8]| -> HmacSha256 {
+            HmacSha256::new_from_slice(expand(label).as_ref())
+                .expect("HMAC takes a key of any length")
+        };
+        let seed = expand(b"checkpoint-signing");
         let checkpoint = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
             .expect("any 32-byte seed is an Ed25519 key");
         Ok(Self {
@@ -131,8 +144,13 @@ impl AuditKeys {
     /// `hmac-sha256:<hex>` of `value` under the fingerprint key: lets a reviewer who knows a value
     /// (a token, a blob) find it in the log, without the log revealing it to anyone else.
     pub fn fingerprint(&self, value: &[u8]) -> String {
-        let tag = hmac::sign(&self.fingerprint, value);
-        format!("{FINGERPRINT_PREFIX}{}", hex::encode(tag.as_ref()))
+        let mut mac = self.fingerprint.clone();
+        mac.update(value);
+        let tag = mac.finalize().into_bytes();
+        let mut out = String::with_capacity(FINGERPRINT_PREFIX.len() + MAC_HEX_LEN);
+        out.push_str(FINGERPRINT_PREFIX);
+        out.push_str(&hex::encode(tag));
+        out
     }
 
     /// Appends to `out` the sealed line for `open` (an open event line, see
@@ -147,13 +165,19 @@ impl AuditKeys {
             None => (open, &b"{"[..]),
         };
         out.extend_from_slice(head);
-        out.extend_from_slice(format!(",\"sequence\":{seq}}},\"unmapped\":").as_bytes());
+        out.extend_from_slice(b",\"sequence\":");
+        out.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
+        out.extend_from_slice(b"},\"unmapped\":");
         out.extend_from_slice(unmapped);
         if unmapped.len() > 1 {
             out.push(b',');
         }
-        out.extend_from_slice(format!("\"chain_prev\":\"{prev}\"").as_bytes());
-        let mac = hex::encode(hmac::sign(&self.chain, &out[start..]).as_ref());
+        out.extend_from_slice(b"\"chain_prev\":\"");
+        out.extend_from_slice(prev.as_bytes());
+        out.push(b'"');
+        let mut hmac = self.chain.clone();
+        hmac.update(&out[start..]);
+        let mac = hex::encode(hmac.finalize().into_bytes());
         out.extend_from_slice(MAC_SUFFIX_OPEN);
         out.extend_from_slice(mac.as_bytes());
         out.extend_from_slice(b"\"}}\n");
@@ -190,7 +214,11 @@ impl AuditKeys {
             return Err(LineError::Malformed);
         }
         let tag = hex::decode(&mac).map_err(|_| LineError::Malformed)?;
-        hmac::verify(&self.chain, prefix, &tag).map_err(|_| LineError::BadMac { seq })?;
+        let mut hmac = self.chain.clone();
+        hmac.update(prefix);
+        // Constant time (`subtle`, inside `verify_slice`).
+        hmac.verify_slice(&tag)
+            .map_err(|_| LineError::BadMac { seq })?;
         Ok(ChainFields { seq, prev, mac })
     }
 }
