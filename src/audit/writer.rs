@@ -6,6 +6,13 @@
 //! `fdatasync` once if any line in the batch must be durable (or always, in [`SyncMode::Always`]),
 //! and then acknowledges the whole batch. This is group commit: one disk flush for many requests.
 //!
+//! In [`SyncMode::Write`], an event that need not be durable (a read's) does not go through the
+//! thread: the request's own task takes the writer's lock, seals its line and writes it
+//! ([`Auditor::record`]). On a loaded machine the hop to a sleeping writer thread and back (two
+//! wake-ups, two context switches) cost more than the write itself. The thread still does
+//! everything that waits for the disk (durable events, flushes, the 4 MiB write-mode flush,
+//! checkpoint ticks), under the same lock, so there is one chain in one order either way.
+//!
 //! Files are `audit-<first sequence, 20 digits>-<creation time in ms, 15 digits>.jsonl`, so that
 //! name order is chain order. A file is rotated when it passes the size limit; a new file's first
 //! line continues the chain of the previous file. The writer never deletes a file.
@@ -31,7 +38,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::chain::{AuditKeys, GENESIS};
 use super::checkpoint::{CHECKPOINT_EVERY, Segment, recover_segment};
@@ -177,6 +184,10 @@ impl AuditTicket {
 #[derive(Clone)]
 pub struct Auditor {
     tx: mpsc::Sender<Item>,
+    /// The writer's state, shared by its thread and, in [`SyncMode::Write`], by requests writing
+    /// their own (non-durable) events.
+    writer: Arc<Mutex<Writer>>,
+    sync: SyncMode,
     keys: Arc<AuditKeys>,
     health: Arc<WriterHealth>,
     metrics: AuditMetrics,
@@ -241,11 +252,15 @@ impl Auditor {
             unsynced_bytes: 0,
             _lock: lock,
         };
+        let writer = Arc::new(Mutex::new(writer));
+        let shared = writer.clone();
         thread::Builder::new()
             .name("metapass-audit-writer".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || Writer::run(&shared, rx))?;
         Ok(Self {
             tx,
+            writer,
+            sync: config.sync,
             keys,
             health,
             metrics,
@@ -295,17 +310,33 @@ impl Auditor {
         }
     }
 
-    /// Queues an event, waiting for queue space up to the deadline, and waits for its
-    /// acknowledgement.
+    /// Records an event and waits until it is as durable as asked.
+    ///
+    /// In [`SyncMode::Write`] an event that need only be [`Durability::Written`] is written by the
+    /// calling task itself, under the writer's lock (a few microseconds: seal, one `write`, the
+    /// file-identity check). Everything else is queued for the writer thread, waiting for queue
+    /// space up to the deadline, and then for its acknowledgement.
     pub async fn record(&self, line: Vec<u8>, durability: Durability) -> Result<(), AuditError> {
+        // One deadline for the wait for queue space (or the lock) and the acknowledgement.
+        let deadline = crate::clock::io_now_tokio() + self.ack_timeout;
+        if durability == Durability::Written && self.sync == SyncMode::Write {
+            let Ok(mut writer) = tokio::time::timeout_at(deadline, self.writer.lock()).await else {
+                return Err(AuditError::Timeout);
+            };
+            let flush_due = writer.write_inline(&line)?;
+            drop(writer);
+            if flush_due {
+                // The write-mode flush (WRITE_MODE_SYNC_BYTES) waits for the disk: the thread's.
+                self.tick();
+            }
+            return Ok(());
+        }
         let (ack, rx) = oneshot::channel();
         let item = Item::Event {
             line,
             durability,
             ack,
         };
-        // One deadline for the wait for queue space and for the acknowledgement together.
-        let deadline = crate::clock::io_now_tokio() + self.ack_timeout;
         match tokio::time::timeout_at(deadline, self.tx.send(item)).await {
             Ok(Ok(())) => {}
             Err(_) => return Err(AuditError::QueueFull),
@@ -320,7 +351,8 @@ impl Auditor {
     }
 
     /// Asks the writer to sign a checkpoint if events were written since the last one and
-    /// [`CHECKPOINT_EVERY`] has passed (called on a timer; never waits).
+    /// [`CHECKPOINT_EVERY`] has passed, and to flush if [`WRITE_MODE_SYNC_BYTES`] are unflushed
+    /// (called on a timer and after an inline write; never waits).
     pub fn tick(&self) {
         let _ = self.tx.try_send(Item::Tick);
     }
@@ -497,6 +529,41 @@ fn file_identity(file: &File) -> io::Result<(u64, u64)> {
     Ok((meta.dev(), meta.ino()))
 }
 
+/// What [`Writer::write_batch`] needs of a batch: its event lines and how it must end.
+#[derive(Clone, Copy)]
+struct BatchView<'a> {
+    lines: &'a [&'a [u8]],
+    /// Some event must be on disk before it is acknowledged, or a flush was asked for.
+    must_sync: bool,
+    /// A flush was asked for (shutdown, import-nova): the batch ends with a checkpoint.
+    flushing: bool,
+    /// Nothing but ticks: write only a due checkpoint or a due flush.
+    ticks_only: bool,
+    /// Leave the write-mode flush to the thread (an inline write).
+    defer_flush: bool,
+}
+
+impl<'a> BatchView<'a> {
+    /// The view of the thread's batch; `lines` receives its event lines, in order.
+    fn of(batch: &'a [Item], lines: &'a mut Vec<&'a [u8]>) -> Self {
+        lines.extend(batch.iter().filter_map(|i| match i {
+            Item::Event { line, .. } => Some(line.as_slice()),
+            _ => None,
+        }));
+        Self {
+            lines,
+            must_sync: batch.iter().any(|i| match i {
+                Item::Event { durability, .. } => *durability == Durability::Durable,
+                Item::Flush { .. } => true,
+                Item::Probe { .. } | Item::Tick => false,
+            }),
+            flushing: batch.iter().any(|i| matches!(i, Item::Flush { .. })),
+            ticks_only: batch.iter().all(|i| matches!(i, Item::Tick)),
+            defer_flush: false,
+        }
+    }
+}
+
 struct Writer {
     /// The directory's lock, held for as long as the writer runs.
     _lock: File,
@@ -528,7 +595,9 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Item>) {
+    /// The writer thread: takes every queued item (up to [`MAX_BATCH`]), writes them as one batch
+    /// under the lock, and acknowledges them.
+    fn run(shared: &Mutex<Writer>, mut rx: mpsc::Receiver<Item>) {
         let mut written = Vec::with_capacity(MAX_BATCH);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.blocking_recv() {
@@ -539,32 +608,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.health
-                .batch_started_ms
-                .store(self.health.now_ms(), Ordering::Relaxed);
             let has_events = batch.iter().any(|i| matches!(i, Item::Event { .. }));
             let probing = batch.iter().any(|i| matches!(i, Item::Probe { .. }));
+            let mut lines = Vec::with_capacity(batch.len());
+            let view = BatchView::of(&batch, &mut lines);
             written.clear();
-            let result = self
-                .write_batch(&batch, &mut written)
-                .and_then(|()| {
-                    // A batch of events answers a probe by itself; otherwise test the space.
-                    if probing && !has_events {
-                        self.probe_space()
-                    } else {
-                        Ok(())
-                    }
+            let result = {
+                let mut writer = shared.blocking_lock();
+                writer.attempt(|w| {
+                    w.write_batch(view, &mut written).and_then(|()| {
+                        // A batch of events answers a probe by itself; otherwise test the space.
+                        if probing && !has_events {
+                            w.probe_space()
+                        } else {
+                            Ok(())
+                        }
+                    })
                 })
-                .map_err(|e| AuditError::Io(e.to_string()));
-            self.health.batch_started_ms.store(0, Ordering::Relaxed);
-            match &result {
-                Ok(()) => self.health.healthy.store(true, Ordering::Relaxed),
-                Err(e) => {
-                    self.health.healthy.store(false, Ordering::Relaxed);
-                    self.metrics.write_failures.inc();
-                    tracing::error!(error = %e, "audit batch could not be written; requests fail closed");
-                }
-            }
+            };
             let mut positions = written.drain(..);
             for item in batch.drain(..) {
                 let (ack, position) = match item {
@@ -575,11 +636,49 @@ impl Writer {
                 let _ = ack.send(result.clone().map(|()| position));
             }
         }
-        if self.unsynced
-            && let Some((file, _)) = &self.file
+        let writer = shared.blocking_lock();
+        if writer.unsynced
+            && let Some((file, _)) = &writer.file
         {
             let _ = file.sync_data();
         }
+    }
+
+    /// Runs one write under the health bookkeeping: marks the batch as started (for the stuck
+    /// check), then healthy or failed (counted and logged: requests fail closed).
+    fn attempt(
+        &mut self,
+        write: impl FnOnce(&mut Self) -> io::Result<()>,
+    ) -> Result<(), AuditError> {
+        self.health
+            .batch_started_ms
+            .store(self.health.now_ms(), Ordering::Relaxed);
+        let result = write(self).map_err(|e| AuditError::Io(e.to_string()));
+        self.health.batch_started_ms.store(0, Ordering::Relaxed);
+        match &result {
+            Ok(()) => self.health.healthy.store(true, Ordering::Relaxed),
+            Err(e) => {
+                self.health.healthy.store(false, Ordering::Relaxed);
+                self.metrics.write_failures.inc();
+                tracing::error!(error = %e, "audit batch could not be written; requests fail closed");
+            }
+        }
+        result
+    }
+
+    /// Writes one non-durable event from the request's own task (a batch of one, never flushed
+    /// here). Returns whether a write-mode flush is due, for the thread to do.
+    fn write_inline(&mut self, line: &[u8]) -> Result<bool, AuditError> {
+        let view = BatchView {
+            lines: std::slice::from_ref(&line),
+            must_sync: false,
+            flushing: false,
+            ticks_only: false,
+            defer_flush: true,
+        };
+        let mut written = Vec::with_capacity(1);
+        self.attempt(|w| w.write_batch(view, &mut written))?;
+        Ok(self.unsynced_bytes >= WRITE_MODE_SYNC_BYTES)
     }
 
     /// Writes, syncs and removes a scratch file of [`PROBE_BYTES`] in the log directory.
@@ -603,16 +702,12 @@ impl Writer {
     ///
     /// Long on purpose: the order of its steps (file identity, write, fsync, identity again, checkpoint)
     /// is the durability argument, and reads as one sequence.
-    fn write_batch(&mut self, batch: &[Item], written: &mut Vec<Written>) -> io::Result<()> {
-        let must_sync = self.sync == SyncMode::Always
-            || batch.iter().any(|i| match i {
-                Item::Event { durability, .. } => *durability == Durability::Durable,
-                Item::Flush { .. } => true,
-                Item::Probe { .. } | Item::Tick => false,
-            });
-        let ticks_only = batch.iter().all(|i| matches!(i, Item::Tick));
-        if ticks_only && !(self.unsealed > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY)
-        {
+    fn write_batch(&mut self, batch: BatchView<'_>, written: &mut Vec<Written>) -> io::Result<()> {
+        let must_sync = self.sync == SyncMode::Always || batch.must_sync;
+        let checkpoint_due =
+            self.unsealed > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+        let flush_due = self.unsynced && self.unsynced_bytes >= WRITE_MODE_SYNC_BYTES;
+        if batch.ticks_only && !checkpoint_due && !flush_due {
             return Ok(());
         }
         self.check_in_place()?;
@@ -630,20 +725,18 @@ impl Writer {
             self.seal(&line);
             events += 1;
         }
-        for item in batch {
-            if let Item::Event { line, .. } = item {
-                self.seal(line);
-                written.push(Written {
-                    seq: self.seq,
-                    mac: self.prev.clone(),
-                });
-                events += 1;
-            }
+        for line in batch.lines {
+            self.seal(line);
+            written.push(Written {
+                seq: self.seq,
+                mac: self.prev.clone(),
+            });
+            events += 1;
         }
         // Sign what is unsealed when a second has passed, before a rotation (every file ends
         // sealed), and on a flush (what shutdown and import-nova end with).
         let rotating = size0 + self.buf.len() as u64 >= self.max_file_bytes;
-        let flushing = batch.iter().any(|i| matches!(i, Item::Flush { .. }));
+        let flushing = batch.flushing;
         let checkpointed = self.unsealed > 0
             && (rotating || flushing || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY);
         if checkpointed {
@@ -656,7 +749,7 @@ impl Writer {
         }
         // Written into a file that was unlinked meanwhile is not written: checked again after.
         match self
-            .append(must_sync, seq0 + 1)
+            .append(must_sync, batch.defer_flush, seq0 + 1)
             .and_then(|()| self.check_in_place())
         {
             Ok(()) => {
@@ -693,8 +786,9 @@ impl Writer {
     }
 
     /// Appends `buf` to the current file (opening one, named after `first_seq`, if needed) and
-    /// flushes if asked.
-    fn append(&mut self, must_sync: bool, first_seq: u64) -> io::Result<()> {
+    /// flushes if asked, or if [`WRITE_MODE_SYNC_BYTES`] are unflushed (unless `defer_flush`:
+    /// an inline write leaves that flush to the thread).
+    fn append(&mut self, must_sync: bool, defer_flush: bool, first_seq: u64) -> io::Result<()> {
         if self.file.is_none() {
             self.open_new_file(first_seq)?;
         }
@@ -705,7 +799,7 @@ impl Writer {
             self.unsynced = true;
             self.unsynced_bytes += self.buf.len() as u64;
         }
-        let due = must_sync || self.unsynced_bytes >= WRITE_MODE_SYNC_BYTES;
+        let due = must_sync || (!defer_flush && self.unsynced_bytes >= WRITE_MODE_SYNC_BYTES);
         if due && self.unsynced {
             let started = crate::clock::io_now();
             file.sync_data()?;
