@@ -125,6 +125,7 @@ async fn live_events() -> Vec<(&'static str, Value)> {
         rusqlite::params![INSTANCE, chunk],
     )
     .unwrap();
+    daemon.outlast_read_cache().await;
     let integrity = admin
         .send_h2(
             Method::GET,

@@ -430,6 +430,7 @@ async fn a_project_edited_in_the_database_releases_nothing() {
         )
         .unwrap();
     assert_eq!(moved, 1);
+    daemon.outlast_read_cache().await;
 
     let as_b = client.get(&owner_path, &[("x-auth-token", TOKEN_B)]).await;
     assert_eq!(as_b.status, 500, "{}", as_b.text());
@@ -447,6 +448,47 @@ async fn a_project_edited_in_the_database_releases_nothing() {
     let as_a = client.get(&owner_path, &[("x-auth-token", TOKEN_A)]).await;
     assert_eq!(as_a.status, 404, "{}", as_a.text());
     assert!(!as_a.text().contains(secret));
+}
+
+/// The read cache (src/store/read_cache.rs) follows metapass's own writes at once: a record read
+/// (and cached) a moment ago is never answered after a clear, and the next password is answered
+/// as soon as it is set.
+#[tokio::test]
+async fn a_cached_record_never_outlives_a_clear_or_hides_the_next_password() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let id = new_instance();
+    client.register(&id, A).await;
+    let owner_path = format!("/v2.1/servers/{id}/os-server-password");
+    for round in 0..3 {
+        let secret = format!("cached-round-{round}-secret");
+        assert_eq!(
+            client.post_password(&id, A, secret.clone()).await.status,
+            200
+        );
+        // Twice: the second read is the cached one.
+        for _ in 0..2 {
+            let read = client.get_password(&id, A).await;
+            assert_eq!(read.status, 200, "{}", read.text());
+            assert_eq!(read.text(), secret);
+        }
+        let cleared = client
+            .send(
+                http::Method::DELETE,
+                &owner_path,
+                &[("x-auth-token", TOKEN_A)],
+                "",
+            )
+            .await;
+        assert_eq!(cleared.status, 204, "{}", cleared.text());
+        let after = client.get_password(&id, A).await;
+        assert_eq!(after.status, 200);
+        assert_eq!(
+            after.text(),
+            "",
+            "a cleared password must not be answered from the cache"
+        );
+    }
 }
 
 /// Runs `metapass audit reconcile` on the daemon's store and log; returns (exit code, stdout).

@@ -21,6 +21,7 @@
 
 pub mod chunks;
 pub mod postgres;
+mod read_cache;
 pub mod rules;
 pub mod sqlite;
 

@@ -15,12 +15,13 @@
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::read_cache::{ReadCache, Touches};
 use super::rules;
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, GateDenied, GateTicket, InstanceRecord,
@@ -98,6 +99,8 @@ trait Job: Send {
     fn finish(self: Box<Self>, failure: Option<StoreError>);
     /// The deadline of the request it works for: past it, the job is not started.
     fn deadline(&self) -> Option<tokio::time::Instant>;
+    /// What it may change that a cached read could have seen.
+    fn touches(&self) -> &Touches;
 }
 
 struct TypedJob<O, F> {
@@ -107,6 +110,7 @@ struct TypedJob<O, F> {
     reply: Option<oneshot::Sender<Result<O, StoreError>>>,
     purges: bool,
     deadline: Option<tokio::time::Instant>,
+    touches: Touches,
 }
 
 impl<O, F> Job for TypedJob<O, F>
@@ -131,6 +135,10 @@ where
         self.deadline
     }
 
+    fn touches(&self) -> &Touches {
+        &self.touches
+    }
+
     fn finish(mut self: Box<Self>, failure: Option<StoreError>) {
         let result = match (failure, self.outcome.take()) {
             (None, Some(outcome)) => Ok(outcome),
@@ -149,6 +157,8 @@ pub struct SqliteStore {
     path: PathBuf,
     jobs: mpsc::Sender<Box<dyn Job>>,
     readers: Mutex<Vec<Connection>>,
+    /// Sealed records recently read (see [`super::read_cache`]).
+    cache: Arc<ReadCache>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -194,14 +204,17 @@ impl SqliteStore {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             StoreError::Unavailable("the SQLite store needs a Tokio runtime".into())
         })?;
+        let cache = Arc::new(ReadCache::default());
+        let invalidated = cache.clone();
         thread::Builder::new()
             .name("metapass-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx, runtime))
+            .spawn(move || writer_loop(conn, rx, runtime, &invalidated))
             .map_err(|e| StoreError::Unavailable(format!("starting writer: {e}")))?;
         Ok(Self {
             path: path.to_owned(),
             jobs: tx,
             readers: Mutex::new(Vec::new()),
+            cache,
         })
     }
 
@@ -233,8 +246,52 @@ impl SqliteStore {
         result
     }
 
+    /// A password record as the database holds it now.
+    fn password_from_database(
+        &self,
+        id: &InstanceId,
+    ) -> Result<Option<PasswordRecord>, StoreError> {
+        // Two primary-key reads in one read transaction (one WAL snapshot, so the row and its
+        // chunks are consistent). A single LEFT JOIN was re-prepared by SQLite on every execution
+        // (the bound id is propagated into the join), costing four times as much.
+        self.read(|conn| {
+            let snapshot = conn.unchecked_transaction().map_err(db_err)?;
+            let Some(instance) = instance_row(&snapshot, id.as_str())? else {
+                return Ok(None);
+            };
+            let mut stmt = snapshot
+                .prepare_cached("SELECT key, value FROM instance_metadata WHERE instance_id = ?1")
+                .map_err(db_err)?;
+            let mut rows = stmt.query(params![id.as_str()]).map_err(db_err)?;
+            let mut record = PasswordRecord {
+                instance,
+                chunks: Vec::new(),
+            };
+            while let Some(row) = rows.next().map_err(db_err)? {
+                let key: String = row.get(0).map_err(db_err)?;
+                if !key.starts_with(PASSWORD_CHUNK_PREFIX) {
+                    continue;
+                }
+                if record.chunks.len() >= chunks::MAX_CHUNKS {
+                    return Err(StoreError::Corrupt("too many password chunks".into()));
+                }
+                record.chunks.push((key, row.get(1).map_err(db_err)?));
+            }
+            drop(rows);
+            drop(stmt);
+            snapshot.commit().map_err(db_err)?;
+            Ok(Some(record))
+        })
+    }
+
     /// Hands a job to the writer thread and waits for its result.
-    async fn write<O, F>(&self, gate: Gate<O>, purges: bool, run: F) -> Result<O, StoreError>
+    async fn write<O, F>(
+        &self,
+        gate: Gate<O>,
+        purges: bool,
+        touches: Touches,
+        run: F,
+    ) -> Result<O, StoreError>
     where
         O: Send + 'static,
         F: FnOnce(&Connection) -> Result<O, StoreError> + Send + 'static,
@@ -249,6 +306,7 @@ impl SqliteStore {
             reply: Some(reply),
             purges,
             deadline,
+            touches,
         };
         // Waiting for a place in the queue changes nothing, so it stops at the deadline; the
         // writer then skips a job whose deadline passed before its batch began.
@@ -328,6 +386,7 @@ fn writer_loop(
     mut conn: Connection,
     mut jobs: mpsc::Receiver<Box<dyn Job>>,
     runtime: tokio::runtime::Handle,
+    cache: &ReadCache,
 ) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = Vec::with_capacity(64);
@@ -347,7 +406,7 @@ fn writer_loop(
             job.finish(Some(StoreError::DeadlinePassed));
         }
         if !batch.is_empty() {
-            run_batch(&mut conn, batch, &runtime);
+            run_batch(&mut conn, batch, &runtime, cache);
         }
     }
     tracing::debug!("SQLite writer stopped: no more senders");
@@ -360,6 +419,7 @@ fn run_batch(
     conn: &mut Connection,
     mut batch: Vec<Box<dyn Job>>,
     runtime: &tokio::runtime::Handle,
+    cache: &ReadCache,
 ) {
     let purges = batch.iter().any(|j| j.purges());
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
@@ -444,6 +504,9 @@ fn run_batch(
     } else {
         tx.commit().map_err(|e| Some(e.to_string()))
     };
+    // Before any job is answered: a reader that starts after an acknowledgement reads the new
+    // state. (After a rollback nothing changed, but a failed commit is not trusted to say so.)
+    cache.invalidate(batch.iter().map(|job| job.touches()));
 
     match commit {
         Ok(()) => {
@@ -658,7 +721,7 @@ impl Store for SqliteStore {
         gate: Gate<RegisterOutcome>,
     ) -> Result<RegisterOutcome, StoreError> {
         let (id, project) = (id.to_string(), project.to_string());
-        self.write(gate, false, move |conn| {
+        self.write(gate, false, Touches::Instance(id.clone()), move |conn| {
             let existing = instance_row(conn, &id)?;
             let tombstone: Option<String> = conn
                 .prepare_cached("SELECT project_id FROM deleted_instances WHERE instance_id = ?1")
@@ -707,37 +770,16 @@ impl Store for SqliteStore {
     }
 
     async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
-        // Two primary-key reads in one read transaction (one WAL snapshot, so the row and its
-        // chunks are consistent). A single LEFT JOIN was re-prepared by SQLite on every execution
-        // (the bound id is propagated into the join), costing four times as much.
-        self.read(|conn| {
-            let snapshot = conn.unchecked_transaction().map_err(db_err)?;
-            let Some(instance) = instance_row(&snapshot, id.as_str())? else {
-                return Ok(None);
-            };
-            let mut stmt = snapshot
-                .prepare_cached("SELECT key, value FROM instance_metadata WHERE instance_id = ?1")
-                .map_err(db_err)?;
-            let mut rows = stmt.query(params![id.as_str()]).map_err(db_err)?;
-            let mut record = PasswordRecord {
-                instance,
-                chunks: Vec::new(),
-            };
-            while let Some(row) = rows.next().map_err(db_err)? {
-                let key: String = row.get(0).map_err(db_err)?;
-                if !key.starts_with(PASSWORD_CHUNK_PREFIX) {
-                    continue;
-                }
-                if record.chunks.len() >= chunks::MAX_CHUNKS {
-                    return Err(StoreError::Corrupt("too many password chunks".into()));
-                }
-                record.chunks.push((key, row.get(1).map_err(db_err)?));
-            }
-            drop(rows);
-            drop(stmt);
-            snapshot.commit().map_err(db_err)?;
-            Ok(Some(record))
-        })
+        super::check_deadline()?;
+        let miss = match self.cache.get(id.as_str()) {
+            Ok(record) => return Ok(Some(record)),
+            Err(miss) => miss,
+        };
+        let record = self.password_from_database(id)?;
+        if let Some(record) = &record {
+            self.cache.fill(id.as_str(), record, miss);
+        }
+        Ok(record)
     }
 
     async fn set_password_once(
@@ -749,7 +791,7 @@ impl Store for SqliteStore {
         gate: Gate<SetOutcome>,
     ) -> Result<SetOutcome, StoreError> {
         let (id, project) = (id.to_string(), project.to_string());
-        self.write(gate, false, move |conn| {
+        self.write(gate, false, Touches::Instance(id.clone()), move |conn| {
             // The compare-and-set: only a row with no password changes, and only once. The new
             // version is the sequence's next, taken below in the same transaction.
             let changed = conn
@@ -784,7 +826,7 @@ impl Store for SqliteStore {
         checks: Vec<(KeyId, KeyCheck)>,
         gate: Gate<KeySync>,
     ) -> Result<KeySync, StoreError> {
-        self.write(gate, false, move |conn| {
+        self.write(gate, false, Touches::Nothing, move |conn| {
             let mut outcome = KeySync::default();
             let mut lookup = conn
                 .prepare_cached("SELECT check_value FROM data_keys WHERE key_id = ?1")
@@ -882,7 +924,7 @@ impl Store for SqliteStore {
         let (id, expected) = (candidate.id.to_string(), candidate.clone());
         // Resealing removes the old key's ciphertext: like a purge, its batch truncates the WAL,
         // so no copy of the files taken afterwards still opens with the old key.
-        self.write(gate, true, move |conn| {
+        self.write(gate, true, Touches::Instance(id.clone()), move |conn| {
             // Still the record that was listed? Anything else (changed, cleared, deleted) is left.
             let current: Option<(i64, i64, Option<i64>)> = conn
                 .prepare_cached(
@@ -950,7 +992,7 @@ impl Store for SqliteStore {
         gate: Gate<ClearOutcome>,
     ) -> Result<ClearOutcome, StoreError> {
         let id = id.to_string();
-        self.write(gate, true, move |conn| {
+        self.write(gate, true, Touches::Instance(id.clone()), move |conn| {
             // Inside the IMMEDIATE transaction of the only writer: nothing changes between the read
             // and the update.
             let Some(before) = instance_row(conn, &id)? else {
@@ -981,7 +1023,7 @@ impl Store for SqliteStore {
         gate: Gate<DeleteOutcome>,
     ) -> Result<DeleteOutcome, StoreError> {
         let id = id.to_string();
-        self.write(gate, true, move |conn| {
+        self.write(gate, true, Touches::Instance(id.clone()), move |conn| {
             conn.prepare_cached("DELETE FROM instance_metadata WHERE instance_id = ?1")
                 .map_err(db_err)?
                 .execute([&id])
@@ -1071,7 +1113,7 @@ impl Store for SqliteStore {
 
     async fn forget_audit_anchor(&self, writer: &str) -> Result<(), StoreError> {
         let writer = writer.to_owned();
-        self.write(super::open_gate(), false, move |conn| {
+        self.write(super::open_gate(), false, Touches::Nothing, move |conn| {
             conn.execute("DELETE FROM audit_anchor WHERE writer = ?1", [&writer])
                 .map(|_| ())
                 .map_err(db_err)

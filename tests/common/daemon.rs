@@ -94,6 +94,13 @@ impl Daemon {
         self.dir.path().join("data")
     }
 
+    /// Waits until a record the daemon read before an edit made behind its back (a test editing
+    /// the database file) has left its read cache: past the cache's TTL (one second, see
+    /// `src/store/read_cache.rs`), the next read goes to the database.
+    pub async fn outlast_read_cache(&self) {
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
+
     /// The SQLite database file.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir().join("metapass.sqlite3")
