@@ -21,8 +21,8 @@
 //! its public key verifies the log without any secret.
 //!
 //! The HMACs are RustCrypto's (`hmac` over `sha2`), not ring's: every event line is MACed, and
-//! `sha2` uses the CPU's SHA extensions where it has them (about four times ring's speed on a
-//! 2 KB line, `benches/hot_path.rs`). Each key is kept as an HMAC state with the key already
+//! `sha2` uses the CPU's SHA extensions where it has them (ring 0.17 ran its software AVX
+//! SHA-256 here, 37 % of a GET's instructions under callgrind). Each key is kept as an HMAC state with the key already
 //! absorbed, cloned per line, so a MAC costs only the line's blocks and the outer block.
 
 use hmac::{KeyInit, Mac};
