@@ -483,6 +483,74 @@ async fn a_change_records_its_audit_anchor_in_its_transaction(f: &Fixture) {
     assert_eq!(f.store.audit_anchor(&writer).await.unwrap().unwrap().seq, 1);
 }
 
+/// The anchor is written in the mutation's own transaction (on PostgreSQL pipelined with its
+/// COMMIT): when it cannot be recorded (sequence 0 breaks the table's CHECK), nothing of the
+/// mutation is committed, the caller hears that the gate passed, and the store goes on working.
+async fn a_change_whose_anchor_cannot_be_recorded_commits_nothing(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let writer = format!("host:/audit/{}", uuid::Uuid::new_v4());
+    let id = new_id();
+    let failed = f
+        .store
+        .register(
+            &id,
+            &project("project-a"),
+            Registration::Ordinary,
+            anchoring_gate(&writer, 0),
+        )
+        .await;
+    assert!(
+        matches!(
+            failed,
+            Err(StoreError::NotCommitted {
+                gate_passed: true,
+                ..
+            })
+        ),
+        "{failed:?}"
+    );
+    assert!(f.store.instance(&id).await.unwrap().is_none());
+    register(&f.store, &id, "project-a").await;
+    for _ in 0..3 {
+        let failed = set_through(&f.store, &ring, &id, b"never", anchoring_gate(&writer, 0)).await;
+        assert!(
+            matches!(
+                failed,
+                Err(StoreError::NotCommitted {
+                    gate_passed: true,
+                    ..
+                })
+            ),
+            "{failed:?}"
+        );
+        assert_eq!(read(&f.store, &ring, &id).await, None);
+        assert_eq!(f.metadata_rows(&id).await, 0);
+        assert_eq!(f.store.audit_anchor(&writer).await.unwrap(), None);
+    }
+    // The same connections serve the next changes, outside any transaction left open.
+    set_through(&f.store, &ring, &id, b"kept", anchoring_gate(&writer, 5))
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&f.store, &ring, &id).await.as_deref(),
+        Some(&b"kept"[..])
+    );
+    assert_eq!(f.store.audit_anchor(&writer).await.unwrap().unwrap().seq, 5);
+    let cleared = f
+        .store
+        .clear_password(&id, anchoring_gate(&writer, 0))
+        .await;
+    assert!(
+        matches!(cleared, Err(StoreError::NotCommitted { .. })),
+        "{cleared:?}"
+    );
+    assert_eq!(
+        read(&f.store, &ring, &id).await.as_deref(),
+        Some(&b"kept"[..])
+    );
+}
+
 async fn keys_are_checked_and_counted(f: &Fixture) {
     let ring = keyring(1);
     let first = sync(&f.store, &ring).await;
@@ -654,4 +722,5 @@ contract!(
     keys_are_checked_and_counted,
     rewrap_moves_records_to_the_active_key,
     a_change_records_its_audit_anchor_in_its_transaction,
+    a_change_whose_anchor_cannot_be_recorded_commits_nothing,
 );

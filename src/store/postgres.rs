@@ -23,10 +23,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::GenericClient;
 use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use secrecy::ExposeSecret;
-use tokio_postgres::{GenericClient, NoTls};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Statement};
 
 use super::rules;
 use super::{
@@ -354,6 +356,10 @@ async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, 
             cause: format!("the audit anchor could not be recorded: {e}"),
         });
     }
+    // Not pipelined with the anchor's INSERT: a COMMIT sent behind a failed statement is
+    // answered as a ROLLBACK without an error, and tokio-postgres's Transaction cannot be ended
+    // without sending its own COMMIT or ROLLBACK (one more round trip, or a warning in
+    // PostgreSQL's log for every post).
     match tx.commit().await {
         Ok(()) => Ok(outcome),
         Err(e) => Err(StoreError::NotCommitted {
@@ -368,15 +374,25 @@ async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, 
 
 /// Records `anchor` in the mutation's transaction (see migration 3).
 async fn record_anchor(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(), StoreError> {
-    let seq = to_i64(anchor.seq);
-    tx.execute(
+    let insert = prepared(
+        tx,
         "INSERT INTO audit_anchors (writer, seq, mac) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        &[&&*anchor.writer, &seq, &anchor.mac],
+    )
+    .await?;
+    tx.execute(
+        &insert,
+        &[&&*anchor.writer, &to_i64(anchor.seq), &anchor.mac],
     )
     .await
     .map_err(db_err)?;
+    prune_anchors(tx, anchor).await
+}
+
+/// Keeps the anchor table small: every [`ANCHOR_PRUNE_EVERY`] events, the anchors of this
+/// writer older than that are removed, in the same transaction.
+async fn prune_anchors(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(), StoreError> {
     if anchor.seq.is_multiple_of(ANCHOR_PRUNE_EVERY) {
-        let keep_from = seq - to_i64(ANCHOR_PRUNE_EVERY);
+        let keep_from = to_i64(anchor.seq) - to_i64(ANCHOR_PRUNE_EVERY);
         tx.execute(
             "DELETE FROM audit_anchors WHERE writer = $1 AND seq < $2",
             &[&&*anchor.writer, &keep_from],
@@ -393,8 +409,12 @@ async fn instance_row(
 ) -> Result<Option<InstanceRecord>, StoreError> {
     let row = client
         .query_opt(
-            "SELECT project_id, password_set, password_version FROM instances
-             WHERE instance_id = $1",
+            &prepared(
+                client,
+                "SELECT project_id, password_set, password_version FROM instances
+                 WHERE instance_id = $1",
+            )
+            .await?,
             &[&id],
         )
         .await
@@ -409,26 +429,47 @@ async fn instance_row(
     .transpose()
 }
 
-/// Replaces the password chunks of `id` with those of `sealed`.
+/// A statement prepared once per connection: an unprepared one costs a Parse round trip (and
+/// the server's planning) every time, which on the hot paths was half of their round trips.
+async fn prepared(client: &impl GenericClient, sql: &str) -> Result<Statement, StoreError> {
+    client.prepare_cached(sql).await.map_err(db_err)
+}
+
+/// Replaces the password chunks of `id` with those of `sealed`: the DELETE and the INSERT are
+/// pipelined on the connection (one round trip), and run in the caller's transaction in the
+/// order they are sent.
 async fn write_chunks(tx: &Transaction<'_>, id: &str, sealed: &[u8]) -> Result<(), StoreError> {
-    delete_chunks(tx, id).await?;
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO instance_metadata (instance_id, key, value) VALUES ($1, $2, $3)",
-        )
+    let delete = prepared(tx, DELETE_CHUNKS).await?;
+    let params: [&(dyn ToSql + Sync); 2] = [&id, &PASSWORD_CHUNK_PREFIX];
+    let (deleted, inserted) =
+        tokio::join!(tx.execute(&delete, &params), insert_chunks(tx, id, sealed));
+    deleted.map_err(db_err)?;
+    inserted
+}
+
+/// Inserts every chunk of `sealed` in one statement (`unnest` of two arrays), however many
+/// chunks there are.
+async fn insert_chunks(tx: &Transaction<'_>, id: &str, sealed: &[u8]) -> Result<(), StoreError> {
+    let (keys, values): (Vec<String>, Vec<&[u8]>) =
+        chunks::split(PASSWORD_FIELD, sealed).into_iter().unzip();
+    let insert = prepared(
+        tx,
+        "INSERT INTO instance_metadata (instance_id, key, value)
+         SELECT $1, key, value FROM unnest($2::text[], $3::bytea[]) AS chunk (key, value)",
+    )
+    .await?;
+    tx.execute(&insert, &[&id, &keys, &values])
         .await
         .map_err(db_err)?;
-    for (key, value) in chunks::split(PASSWORD_FIELD, sealed) {
-        tx.execute(&insert, &[&id, &key, &value])
-            .await
-            .map_err(db_err)?;
-    }
     Ok(())
 }
 
+const DELETE_CHUNKS: &str =
+    "DELETE FROM instance_metadata WHERE instance_id = $1 AND starts_with(key, $2)";
+
 async fn delete_chunks(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError> {
     tx.execute(
-        "DELETE FROM instance_metadata WHERE instance_id = $1 AND starts_with(key, $2)",
+        &prepared(tx, DELETE_CHUNKS).await?,
         &[&id, &PASSWORD_CHUNK_PREFIX],
     )
     .await
@@ -439,7 +480,10 @@ async fn delete_chunks(tx: &Transaction<'_>, id: &str) -> Result<(), StoreError>
 /// The next record version; call only while holding the instance's row lock.
 async fn next_version(tx: &Transaction<'_>) -> Result<u64, StoreError> {
     let v: i64 = tx
-        .query_one("SELECT nextval('record_versions')", &[])
+        .query_one(
+            &prepared(tx, "SELECT nextval('record_versions')").await?,
+            &[],
+        )
         .await
         .map_err(db_err)?
         .get(0);
@@ -457,7 +501,7 @@ impl Store for PostgresStore {
         let (id, project) = (id.as_str(), project.as_str());
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(db_err)?;
-        let existing = instance_row(&*tx, id).await?;
+        let existing = instance_row(&tx, id).await?;
         let tombstone: Option<String> = tx
             .query_opt(
                 "SELECT project_id FROM deleted_instances WHERE instance_id = $1",
@@ -492,7 +536,7 @@ impl Store for PostgresStore {
             .map_err(db_err)?;
             RegisterOutcome::Created
         } else {
-            let existing = instance_row(&*tx, id)
+            let existing = instance_row(&tx, id)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt("conflicting row vanished".into()))?;
             if existing.project_id.as_str() == project {
@@ -506,18 +550,22 @@ impl Store for PostgresStore {
 
     async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
         let conn = self.conn().await?;
-        instance_row(&**conn, id.as_str()).await
+        instance_row(&conn, id.as_str()).await
     }
 
     async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
         let conn = self.conn().await?;
         let rows = conn
             .query(
-                "SELECT i.project_id, i.password_set, i.password_version, m.key, m.value
-                 FROM instances i
-                 LEFT JOIN instance_metadata m
-                   ON m.instance_id = i.instance_id AND starts_with(m.key, $2)
-                 WHERE i.instance_id = $1",
+                &prepared(
+                    &conn,
+                    "SELECT i.project_id, i.password_set, i.password_version, m.key, m.value
+                     FROM instances i
+                     LEFT JOIN instance_metadata m
+                       ON m.instance_id = i.instance_id AND starts_with(m.key, $2)
+                     WHERE i.instance_id = $1",
+                )
+                .await?,
                 &[&id.as_str(), &PASSWORD_CHUNK_PREFIX],
             )
             .await
@@ -561,23 +609,42 @@ impl Store for PostgresStore {
         // row is changed, that is once its lock is held.
         let won = tx
             .query_opt(
-                "UPDATE instances
-                 SET password_set = true, password_version = nextval('record_versions'),
-                     password_key_id = $3, updated_at = $4
-                 WHERE instance_id = $1 AND project_id = $2 AND NOT password_set
-                 RETURNING password_version",
-                &[&id, &project, &i64::from(key_id), &now_unix()],
+                &prepared(
+                    &tx,
+                    // Chunks left under an unset password (there should be none) go in the
+                    // same statement: the INSERT that follows is a later statement, so it
+                    // never meets them.
+                    "WITH won AS (
+                       UPDATE instances
+                       SET password_set = true, password_version = nextval('record_versions'),
+                           password_key_id = $3, updated_at = $4
+                       WHERE instance_id = $1 AND project_id = $2 AND NOT password_set
+                       RETURNING instance_id, password_version
+                     ), stale AS (
+                       DELETE FROM instance_metadata m USING won
+                       WHERE m.instance_id = won.instance_id AND starts_with(m.key, $5)
+                     )
+                     SELECT password_version FROM won",
+                )
+                .await?,
+                &[
+                    &id,
+                    &project,
+                    &i64::from(key_id),
+                    &now_unix(),
+                    &PASSWORD_CHUNK_PREFIX,
+                ],
             )
             .await
             .map_err(db_err)?;
         let outcome = match won {
-            None => rules::set_once_refused(instance_row(&*tx, id).await?.as_ref(), project),
+            None => rules::set_once_refused(instance_row(&tx, id).await?.as_ref(), project),
             Some(row) => {
                 let version = version_from(row.get(0))?;
                 self.reserve_seal(key_id).await?;
                 let sealed = seal(version)?;
                 rules::check_sealed_under(&sealed, key_id)?;
-                write_chunks(&tx, id, &sealed).await?;
+                insert_chunks(&tx, id, &sealed).await?;
                 SetOutcome::Stored { version }
             }
         };
@@ -796,7 +863,11 @@ impl Store for PostgresStore {
         // Lock the row first, so the version is taken while it is held.
         let before = tx
             .query_opt(
-                "SELECT password_set FROM instances WHERE instance_id = $1 FOR UPDATE",
+                &prepared(
+                    &tx,
+                    "SELECT password_set FROM instances WHERE instance_id = $1 FOR UPDATE",
+                )
+                .await?,
                 &[&id],
             )
             .await
@@ -807,10 +878,14 @@ impl Store for PostgresStore {
                 let was_set: bool = row.get(0);
                 let version = next_version(&tx).await?;
                 tx.execute(
-                    "UPDATE instances
-                     SET password_set = false, password_version = $2,
-                         password_key_id = NULL, updated_at = $3
-                     WHERE instance_id = $1",
+                    &prepared(
+                        &tx,
+                        "UPDATE instances
+                         SET password_set = false, password_version = $2,
+                             password_key_id = NULL, updated_at = $3
+                         WHERE instance_id = $1",
+                    )
+                    .await?,
                     &[&id, &to_i64(version), &now_unix()],
                 )
                 .await
