@@ -40,7 +40,8 @@ pub use tokens::{load_tokens, parse_tokens};
 
 use crate::crypto::Keyring;
 use crate::identity::TokenTable;
-use crate::limits::RateLimitConfig;
+/// The rate limits file's contents (`Config::rate_limits`), nameable for tools that load another.
+pub use crate::limits::RateLimitConfig;
 use crate::policy::Policy;
 use secrets::{check_secret_mode, read_text, under};
 
