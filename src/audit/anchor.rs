@@ -88,9 +88,16 @@ pub fn check(
     let Some(holder) = holder else {
         return Ok(Err(AnchorGap::Missing { anchored: seq }));
     };
-    let content = std::fs::read(&holder)?;
-    for line in content.split(|&b| b == b'\n') {
-        let Ok(fields) = keys.check_line(line) else {
+    // Streamed a line at a time: a file is up to `max_file_bytes`, and reading it whole had set
+    // the daemon's peak memory at startup.
+    let mut reader = io::BufReader::with_capacity(64 * 1024, std::fs::File::open(&holder)?);
+    let mut line = Vec::with_capacity(4096);
+    loop {
+        line.clear();
+        if io::BufRead::read_until(&mut reader, b'\n', &mut line)? == 0 {
+            break;
+        }
+        let Ok(fields) = keys.check_line(line.strip_suffix(b"\n").unwrap_or(&line)) else {
             continue;
         };
         if fields.seq == seq {

@@ -107,40 +107,53 @@ struct SignedRange {
 /// Finds the segment the writer continues after a restart: from the newest checkpoint line of
 /// the log (itself included) to its end, or the whole log if it has none. `files` are in chain
 /// order; only complete lines count (a torn last line was never acknowledged).
+///
+/// Streams the files a line at a time: a log file is up to `max_file_bytes` (64 MiB by default),
+/// and reading it whole had set the daemon's peak memory at startup.
 pub fn recover_segment(files: &[PathBuf]) -> std::io::Result<Segment> {
-    let mut tail: Vec<Vec<u8>> = Vec::new();
-    for path in files.iter().rev() {
-        let content = std::fs::read(path)?;
-        let complete = match content.iter().rposition(|&b| b == b'\n') {
-            Some(end) => &content[..=end],
-            None => &[][..],
-        };
-        let lines: Vec<&[u8]> = complete.split_inclusive(|&b| b == b'\n').collect();
-        let found = lines.iter().rposition(|l| is_checkpoint(l));
-        match found {
-            Some(at) => {
-                let mut segment = Segment::default();
-                for line in lines[at..]
-                    .iter()
-                    .copied()
-                    .chain(tail.iter().map(Vec::as_slice))
-                {
-                    add_parsed(&mut segment, line);
-                }
-                return Ok(segment);
+    let mut from = (0, 0);
+    for (i, path) in files.iter().enumerate().rev() {
+        let mut last = None;
+        for_each_complete_line(path, 0, |offset, line| {
+            if is_checkpoint(line) {
+                last = Some(offset);
             }
-            None => {
-                let mut newer = lines.iter().map(|l| l.to_vec()).collect::<Vec<_>>();
-                newer.append(&mut tail);
-                tail = newer;
-            }
+        })?;
+        if let Some(offset) = last {
+            from = (i, offset);
+            break;
         }
     }
     let mut segment = Segment::default();
-    for line in &tail {
-        add_parsed(&mut segment, line);
+    for (i, path) in files.iter().enumerate().skip(from.0) {
+        let start = if i == from.0 { from.1 } else { 0 };
+        for_each_complete_line(path, start, |_, line| add_parsed(&mut segment, line))?;
     }
     Ok(segment)
+}
+
+/// Calls `f` with the byte offset and the bytes (newline included) of every complete line of
+/// `path` from `start` on; a last line without its newline (torn) is not one.
+fn for_each_complete_line(
+    path: &std::path::Path,
+    start: u64,
+    mut f: impl FnMut(u64, &[u8]),
+) -> std::io::Result<()> {
+    use std::io::{BufRead, Seek};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(std::io::SeekFrom::Start(start))?;
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+    let mut line = Vec::with_capacity(4096);
+    let mut offset = start;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || !line.ends_with(b"\n") {
+            return Ok(());
+        }
+        f(offset, &line);
+        offset += n as u64;
+    }
 }
 
 fn add_parsed(segment: &mut Segment, line: &[u8]) {

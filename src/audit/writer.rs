@@ -432,13 +432,7 @@ fn recover(dir: &Path, keys: &AuditKeys) -> io::Result<Position> {
     let files = log_files(dir)?;
     let mut append_to = None;
     for (i, path) in files.iter().enumerate().rev() {
-        let content = fs::read(path)?;
-        let torn = !content.is_empty() && !content.ends_with(b"\n");
-        let last_complete = content
-            .split(|&b| b == b'\n')
-            .rev()
-            .skip(1)
-            .find(|l| !l.is_empty());
+        let (len, torn, last_complete) = last_complete_line(path)?;
         let newest = i + 1 == files.len();
         if newest && !torn {
             append_to = Some(path.clone());
@@ -447,7 +441,7 @@ fn recover(dir: &Path, keys: &AuditKeys) -> io::Result<Position> {
             tracing::warn!(file = %path.display(), "audit file ends with a torn line (an earlier crash); continuing the chain in a new file");
         }
         if let Some(line) = last_complete {
-            let fields = keys.check_line(line).map_err(|e| {
+            let fields = keys.check_line(&line).map_err(|e| {
                 io::Error::other(format!(
                     "the last audit line of {} does not verify with the configured audit key ({e}); \
                      run `metapass audit verify` before starting",
@@ -458,11 +452,7 @@ fn recover(dir: &Path, keys: &AuditKeys) -> io::Result<Position> {
                 Some(p) => Some((OpenOptions::new().append(true).open(&p)?, p)),
                 None => None,
             };
-            let size = if file.is_some() {
-                content.len() as u64
-            } else {
-                0
-            };
+            let size = if file.is_some() { len } else { 0 };
             return Ok(Position {
                 file,
                 size,
@@ -477,6 +467,40 @@ fn recover(dir: &Path, keys: &AuditKeys) -> io::Result<Position> {
         seq: 0,
         prev: GENESIS.to_owned(),
     })
+}
+
+/// The length of `path`, whether it ends with a torn line, and its last complete non-empty line
+/// (without its newline). Reads from the end, a window that doubles until it holds that line:
+/// a file is up to `max_file_bytes`, and reading it whole had set the daemon's peak memory.
+fn last_complete_line(path: &Path) -> io::Result<(u64, bool, Option<Vec<u8>>)> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut window = 16 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        let mut tail = vec![0u8; usize::try_from(len - start).map_err(io::Error::other)?];
+        file.read_exact_at(&mut tail, start)?;
+        let torn = !tail.is_empty() && !tail.ends_with(b"\n");
+        // Complete lines end at a newline; the bytes after the last one are torn.
+        let mut end = tail.iter().rposition(|&b| b == b'\n');
+        while let Some(line_end) = end {
+            let line_start = match tail[..line_end].iter().rposition(|&b| b == b'\n') {
+                Some(newline) => newline + 1,
+                // The window's first line is whole only if the window starts the file.
+                None if start == 0 => 0,
+                None => break,
+            };
+            if line_start < line_end {
+                return Ok((len, torn, Some(tail[line_start..line_end].to_vec())));
+            }
+            end = line_start.checked_sub(1);
+        }
+        if start == 0 {
+            return Ok((len, torn, None));
+        }
+        window = window.saturating_mul(2);
+    }
 }
 
 /// The audit files of `dir` in chain order.
@@ -660,7 +684,7 @@ impl Writer {
             let result = {
                 let mut writer = shared.blocking_lock();
                 writer.attempt(|w| {
-                    w.write_batch(view, &mut written).and_then(|()| {
+                    w.write_batch(view, Some(&mut written)).and_then(|()| {
                         // A batch of events answers a probe by itself; otherwise test the space.
                         if probing && !has_events {
                             w.probe_space()
@@ -741,8 +765,7 @@ impl Writer {
             ticks_only: false,
             defer_flush: true,
         };
-        let mut written = Vec::with_capacity(1);
-        self.attempt(|w| w.write_batch(view, &mut written))?;
+        self.attempt(|w| w.write_batch(view, None))?;
         Ok(self.unsynced_bytes >= WRITE_MODE_SYNC_BYTES)
     }
 
@@ -763,11 +786,16 @@ impl Writer {
         written
     }
 
-    /// Writes the batch; on success `written` holds each event's position, in batch order.
+    /// Writes the batch; on success `written` (if asked for) holds each event's position, in
+    /// batch order.
     ///
     /// Long on purpose: the order of its steps (seal, write, fsync, file identity, checkpoint)
     /// is the durability argument, and reads as one sequence.
-    fn write_batch(&mut self, batch: BatchView<'_>, written: &mut Vec<Written>) -> io::Result<()> {
+    fn write_batch(
+        &mut self,
+        batch: BatchView<'_>,
+        mut written: Option<&mut Vec<Written>>,
+    ) -> io::Result<()> {
         let must_sync = self.sync == SyncMode::Always || batch.must_sync;
         let checkpoint_due =
             self.unsealed > 0 && self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
@@ -791,10 +819,12 @@ impl Writer {
         }
         for line in batch.lines {
             self.seal(line);
-            written.push(Written {
-                seq: self.seq,
-                mac: self.prev.clone(),
-            });
+            if let Some(written) = written.as_deref_mut() {
+                written.push(Written {
+                    seq: self.seq,
+                    mac: self.prev.clone(),
+                });
+            }
             events += 1;
         }
         // Sign what is unsealed when a second has passed, before a rotation (every file ends
@@ -1037,6 +1067,33 @@ mod tests {
         };
         let keys = Arc::new(AuditKeys::derive(&[9; 32]).unwrap());
         Auditor::start(config, keys, AuditMetrics::default()).unwrap()
+    }
+
+    #[test]
+    fn the_last_complete_line_is_found_from_the_end_of_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let last = |content: &[u8]| {
+            fs::write(&path, content).unwrap();
+            let (len, torn, line) = last_complete_line(&path).unwrap();
+            assert_eq!(len, content.len() as u64);
+            (torn, line.map(|l| String::from_utf8(l).unwrap()))
+        };
+        assert_eq!(last(b""), (false, None));
+        assert_eq!(last(b"torn"), (true, None));
+        assert_eq!(last(b"\n\n"), (false, None));
+        assert_eq!(last(b"one\n"), (false, Some("one".into())));
+        assert_eq!(last(b"one\ntwo\n\n"), (false, Some("two".into())));
+        assert_eq!(last(b"one\ntwo\ntor"), (true, Some("two".into())));
+        // Lines longer than the first window, and a last line that starts exactly at the
+        // file's beginning.
+        let long = "x".repeat(100_000);
+        let content = format!("{long}\n{long}y\n");
+        assert_eq!(last(content.as_bytes()), (false, Some(format!("{long}y"))));
+        let content = format!("{long}\n{}", "z".repeat(40_000));
+        assert_eq!(last(content.as_bytes()), (true, Some(long.clone())));
+        let content = format!("{long}\n\n\n");
+        assert_eq!(last(content.as_bytes()), (false, Some(long)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
