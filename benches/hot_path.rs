@@ -26,7 +26,7 @@ use metapass::crypto::{Keyring, RecordBinding};
 use metapass::identity::ProxySigner;
 use metapass::ids::{InstanceId, ProjectId};
 use metapass::store::sqlite::SqliteStore;
-use metapass::store::{PASSWORD_FIELD, Registration, Store, chunks, open_gate};
+use metapass::store::{PASSWORD_FIELD, Registration, SealFn, Store, chunks, open_gate};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -35,6 +35,19 @@ const SECRET: &str = "dev-metadata-proxy-secret";
 
 fn blob() -> Vec<u8> {
     vec![b'A'; 344]
+}
+
+/// Seals the bench's password for [`INSTANCE`] under `keyring`'s active key.
+fn seal_blob(keyring: Arc<Keyring>) -> SealFn {
+    Box::new(move |version| {
+        let binding = RecordBinding {
+            project_id: "project-a",
+            instance_id: INSTANCE,
+            field: PASSWORD_FIELD,
+            version,
+        };
+        keyring.seal(&binding, &blob())
+    })
 }
 
 fn crypto(c: &mut Criterion) {
@@ -127,22 +140,13 @@ fn store_read(c: &mut Criterion) {
             .register(&id, &project, Registration::Ordinary, open_gate())
             .await
             .unwrap();
-        let keyring = Keyring::new(&[(1, Zeroizing::new(vec![7; 32]))], 1).unwrap();
+        let keyring = Arc::new(Keyring::new(&[(1, Zeroizing::new(vec![7; 32]))], 1).unwrap());
         store
             .sync_keys(keyring.check_values(), open_gate())
             .await
             .unwrap();
-        let seal = Box::new(move |version| {
-            let binding = RecordBinding {
-                project_id: "project-a",
-                instance_id: INSTANCE,
-                field: PASSWORD_FIELD,
-                version,
-            };
-            keyring.seal(&binding, &blob())
-        });
         store
-            .set_password_once(&id, &project, 1, seal, open_gate())
+            .set_password_once(&id, &project, 1, seal_blob(keyring), open_gate())
             .await
             .unwrap();
         store
@@ -183,18 +187,8 @@ fn handler(c: &mut Criterion) {
             .register(&id, &project, Registration::Ordinary, open_gate())
             .await
             .unwrap();
-        let keyring = app.keyring();
-        let seal = Box::new(move |version| {
-            let binding = RecordBinding {
-                project_id: "project-a",
-                instance_id: INSTANCE,
-                field: PASSWORD_FIELD,
-                version,
-            };
-            keyring.seal(&binding, &blob())
-        });
         app.store
-            .set_password_once(&id, &project, 1, seal, open_gate())
+            .set_password_once(&id, &project, 1, seal_blob(app.keyring()), open_gate())
             .await
             .unwrap();
         Arc::new(app)

@@ -483,6 +483,19 @@ async fn a_change_records_its_audit_anchor_in_its_transaction(f: &Fixture) {
     assert_eq!(f.store.audit_anchor(&writer).await.unwrap().unwrap().seq, 1);
 }
 
+fn assert_not_committed<O: std::fmt::Debug>(result: &Result<O, StoreError>) {
+    assert!(
+        matches!(
+            result,
+            Err(StoreError::NotCommitted {
+                gate_passed: true,
+                ..
+            })
+        ),
+        "{result:?}"
+    );
+}
+
 /// The anchor is written in the mutation's own transaction (on PostgreSQL pipelined with its
 /// COMMIT): when it cannot be recorded (sequence 0 breaks the table's CHECK), nothing of the
 /// mutation is committed, the caller hears that the gate passed, and the store goes on working.
@@ -500,30 +513,12 @@ async fn a_change_whose_anchor_cannot_be_recorded_commits_nothing(f: &Fixture) {
             anchoring_gate(&writer, 0),
         )
         .await;
-    assert!(
-        matches!(
-            failed,
-            Err(StoreError::NotCommitted {
-                gate_passed: true,
-                ..
-            })
-        ),
-        "{failed:?}"
-    );
+    assert_not_committed(&failed);
     assert!(f.store.instance(&id).await.unwrap().is_none());
     register(&f.store, &id, "project-a").await;
     for _ in 0..3 {
         let failed = set_through(&f.store, &ring, &id, b"never", anchoring_gate(&writer, 0)).await;
-        assert!(
-            matches!(
-                failed,
-                Err(StoreError::NotCommitted {
-                    gate_passed: true,
-                    ..
-                })
-            ),
-            "{failed:?}"
-        );
+        assert_not_committed(&failed);
         assert_eq!(read(&f.store, &ring, &id).await, None);
         assert_eq!(f.metadata_rows(&id).await, 0);
         assert_eq!(f.store.audit_anchor(&writer).await.unwrap(), None);
@@ -541,10 +536,7 @@ async fn a_change_whose_anchor_cannot_be_recorded_commits_nothing(f: &Fixture) {
         .store
         .clear_password(&id, anchoring_gate(&writer, 0))
         .await;
-    assert!(
-        matches!(cleared, Err(StoreError::NotCommitted { .. })),
-        "{cleared:?}"
-    );
+    assert_not_committed(&cleared);
     assert_eq!(
         read(&f.store, &ring, &id).await.as_deref(),
         Some(&b"kept"[..])
