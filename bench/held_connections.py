@@ -12,6 +12,7 @@ timer), and prints one JSON line: RSS before and after, and KiB per connection.
 import json
 import re
 import socket
+import shutil
 import ssl
 import subprocess
 import sys
@@ -66,3 +67,4 @@ try:
 finally:
     daemon.terminate()
     daemon.wait()
+    shutil.rmtree(data, ignore_errors=True)

@@ -25,7 +25,9 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
 
 #[test]
 fn request_regressions() {
-    assert!(replay("request", harness::request) > 0);
+    let replayed = replay("request", harness::request);
+    harness::remove_data_dir();
+    assert!(replayed > 0);
 }
 
 #[test]

@@ -82,12 +82,23 @@ impl Fixture {
     }
 }
 
+/// The fixture's data directory: one per process, removed by [`remove_data_dir`] (the
+/// regression test's last step) or left for the next run with the same pid to clear.
+pub fn data_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("metapass-fuzz-{}", std::process::id()))
+}
+
+/// Removes [`data_dir`]: the fixture lives in a static, which is never dropped.
+pub fn remove_data_dir() {
+    let _ = std::fs::remove_dir_all(data_dir());
+}
+
 /// The daemon's application state on the dev configuration, in a private data directory, with
 /// audit writes to the OS only (no fsync per input).
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let data = std::env::temp_dir().join(format!("metapass-fuzz-{}", std::process::id()));
+        let data = data_dir();
         let _ = std::fs::remove_dir_all(&data);
         let overrides = Overrides {
             listen: None,
