@@ -40,8 +40,9 @@ def label(v):
     return f"{v:g}"
 
 
-def panel(x0, title, xlabel, ylabel, series, x_range, y_range, y_log, diagonal=False):
-    """One chart: series is [(name, dash, [(x, y), ...])]; `diagonal` draws y = x."""
+def panel(x0, title, xlabel, ylabel, series, x_range, y_range, diagonal=False):
+    """One chart, both axes logarithmic: series is [(name, dash, [(x, y), ...])]; `diagonal`
+    draws y = x."""
     out = []
     (xl, xh), (yl, yh) = x_range, y_range
 
@@ -49,10 +50,7 @@ def panel(x0, title, xlabel, ylabel, series, x_range, y_range, y_log, diagonal=F
         return x0 + (math.log10(x) - math.log10(xl)) / (math.log10(xh) - math.log10(xl)) * PANEL_W
 
     def sy(y):
-        if y_log:
-            f = (math.log10(y) - math.log10(yl)) / (math.log10(yh) - math.log10(yl))
-        else:
-            f = (y - yl) / (yh - yl)
+        f = (math.log10(y) - math.log10(yl)) / (math.log10(yh) - math.log10(yl))
         return TOP + PANEL_H - f * PANEL_H
 
     out.append(f'<text x="{x0 + PANEL_W / 2}" y="{TOP - 18}" text-anchor="middle" '
@@ -64,8 +62,7 @@ def panel(x0, title, xlabel, ylabel, series, x_range, y_range, y_log, diagonal=F
                    'stroke="#eee"/>')
         out.append(f'<text x="{sx(t):.1f}" y="{TOP + PANEL_H + 16}" text-anchor="middle" '
                    f'font-size="11">{label(t)}</text>')
-    yticks = log_ticks(yl, yh) if y_log else [yl + (yh - yl) * i / 5 for i in range(6)]
-    for t in yticks:
+    for t in log_ticks(yl, yh):
         out.append(f'<line x1="{x0}" y1="{sy(t):.1f}" x2="{x0 + PANEL_W}" y2="{sy(t):.1f}" '
                    'stroke="#eee"/>')
         out.append(f'<text x="{x0 - 6}" y="{sy(t) + 4:.1f}" text-anchor="end" '
@@ -118,11 +115,10 @@ def main():
     y_range = (min(achieved) * 0.8, max(max(achieved), x_range[1]) * 1.1)
     svg += panel(LEFT, "Achieved throughput (dotted: all of the offered load)",
                  "offered load (req/s, log)", "achieved (req/s, log)",
-                 tput, x_range, y_range, True,
-                 diagonal=True)
+                 tput, x_range, y_range, diagonal=True)
     svg += panel(LEFT + PANEL_W + 100, "Latency (solid p50, dashed p99)",
                  "offered load (req/s, log)", "latency (ms, log)", lat, x_range,
-                 (min(lat_values) * 0.8, max(lat_values) * 1.25), True)
+                 (min(lat_values) * 0.8, max(lat_values) * 1.25))
     y = TOP + PANEL_H + 60
     x = LEFT
     for s in servers:

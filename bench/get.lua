@@ -16,10 +16,7 @@ function init(args)
     sigs[#sigs + 1] = sig
   end
   math.randomseed(os.time() * 1000 + (seed or 0))
-  local pace = tonumber(os.getenv("BENCH_DELAY_MS") or "")
-  if pace then
-    delay = function() return pace end
-  end
+  pace_from_env()
 end
 
 function request()

@@ -1,4 +1,15 @@
--- Shared by the wrk scripts: one JSON line of results on stdout when the run ends.
+-- Shared by the wrk scripts: pacing from BENCH_DELAY_MS, and one JSON line of results on stdout
+-- when the run ends.
+
+-- With BENCH_DELAY_MS set, every connection pauses that many milliseconds after each answer
+-- (bench/run's paced runs and latency curve). Call from the script's init().
+function pace_from_env()
+  local pace = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+  if pace then
+    delay = function() return pace end
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

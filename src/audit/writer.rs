@@ -670,20 +670,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // The write-mode flush waits for the disk without the lock: requests go on writing
-            // their own events meanwhile (it had been most of the GET p99 at half of peak).
-            let flush = shared.blocking_lock().start_flush();
-            if let Some(flush) = flush {
-                flush.finish(shared);
-            }
             let has_events = batch.iter().any(|i| matches!(i, Item::Event { .. }));
             let probing = batch.iter().any(|i| matches!(i, Item::Probe { .. }));
             let mut lines = Vec::with_capacity(batch.len());
             let view = BatchView::of(&batch, &mut lines);
             written.clear();
-            let result = {
+            let (result, flush) = {
                 let mut writer = shared.blocking_lock();
-                writer.attempt(|w| {
+                let flush = writer.start_flush();
+                let result = writer.attempt(|w| {
                     w.write_batch(view, Some(&mut written)).and_then(|()| {
                         // A batch of events answers a probe by itself; otherwise test the space.
                         if probing && !has_events {
@@ -692,7 +687,8 @@ impl Writer {
                             Ok(())
                         }
                     })
-                })
+                });
+                (result, flush)
             };
             let mut positions = written.drain(..);
             for item in batch.drain(..) {
@@ -702,6 +698,12 @@ impl Writer {
                     Item::Tick => continue,
                 };
                 let _ = ack.send(result.clone().map(|()| position));
+            }
+            // The write-mode flush waits for the disk without the lock, after the batch is
+            // answered: requests go on writing their own events meanwhile (under the lock it had
+            // been most of the GET p99 at half of peak).
+            if let Some(flush) = flush {
+                flush.finish(shared);
             }
         }
         let writer = shared.blocking_lock();
