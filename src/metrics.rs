@@ -63,6 +63,8 @@ pub struct SurfaceLabels {
 pub struct AuditMetrics {
     /// Events written.
     pub events_written: Counter,
+    /// Writes to the log: each holds one or more events (events per write is the group size).
+    pub batches_written: Counter,
     /// Batches that could not be written or flushed.
     pub write_failures: Counter,
     /// Time spent in `fdatasync`.
@@ -75,6 +77,7 @@ impl Default for AuditMetrics {
     fn default() -> Self {
         Self {
             events_written: Counter::default(),
+            batches_written: Counter::default(),
             write_failures: Counter::default(),
             fsync_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             queue_depth: Gauge::default(),
@@ -156,6 +159,11 @@ impl Metrics {
             "audit_events_written",
             "Audit events written",
             audit.events_written.clone(),
+        );
+        registry.register(
+            "audit_batches_written",
+            "Writes to the audit log, each of one or more events",
+            audit.batches_written.clone(),
         );
         registry.register(
             "audit_write_failures",
