@@ -72,11 +72,14 @@ pub(crate) async fn route<B: RequestBody>(
     if let Some(problem) = ambiguous_framing(req.headers()) {
         return Err(ApiError::bad_request(Reason::MalformedRequest, problem).closing());
     }
+    // The instance API's future is the request task's inline; the other surfaces' (Keystone
+    // validation, admin operations) are boxed, so that a GET's task is not the size of the
+    // largest of them (it is copied whole when it is boxed and spawned).
     match ex.facts.surface {
         Surface::Instance => metadata::handle(app, ex, req).await,
-        Surface::Admin => admin::handle(app, ex, req).await,
-        Surface::Ops => health::handle(app, ex, req).await,
-        Surface::Compute => compute::handle(app, ex, req).await,
+        Surface::Admin => Box::pin(admin::handle(app, ex, req)).await,
+        Surface::Ops => Box::pin(health::handle(app, ex, req)).await,
+        Surface::Compute => Box::pin(compute::handle(app, ex, req)).await,
         Surface::Unknown => Err(ApiError::no_such_resource()),
     }
 }

@@ -48,10 +48,18 @@ impl NovaLookup {
 
 /// Registers `id` from Nova's database when Nova has it live. True when it is registered (to
 /// Nova's project) now; false when lookups are off, Nova does not have it, or the lookup failed.
+///
+/// The lookup's future (a MySQL query, a registration behind an audit gate) is boxed and built
+/// only when a lookup runs: inline, it made every GET's future, which is copied whole into its
+/// task, a few kilobytes larger for a branch taken once per unknown instance.
 pub(crate) async fn register_unknown(app: &App, id: &InstanceId) -> bool {
     let Some(lookup) = &app.nova_lookup else {
         return false;
     };
+    Box::pin(look_up_and_register(app, lookup, id)).await
+}
+
+async fn look_up_and_register(app: &App, lookup: &NovaLookup, id: &InstanceId) -> bool {
     let project =
         match tokio::time::timeout(lookup.timeout, lookup.db.live_project(id.as_str())).await {
             Ok(Ok(Some(project))) => project,
