@@ -131,7 +131,7 @@ pub(crate) fn with_compute_headers(
             HeaderValue::from_static("OpenStack-API-Version, X-OpenStack-Nova-API-Version"),
         );
     }
-    if let Ok(id) = HeaderValue::from_str(request_id) {
+    if let Some(id) = super::respond::request_id_header(request_id) {
         h.insert("x-openstack-request-id", id.clone());
         h.insert("x-compute-request-id", id);
     }

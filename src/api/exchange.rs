@@ -230,7 +230,7 @@ async fn finish(app: &App, mut ex: Exchange, mut response: Response<Body>) -> Re
             response = audit_refusal(app, &mut ex, &e);
         }
     }
-    if let Ok(id) = HeaderValue::from_str(ex.facts.request_id.as_str()) {
+    if let Some(id) = respond::request_id_header(ex.facts.request_id.as_str()) {
         response.headers_mut().insert("x-request-id", id);
     }
     if ex.facts.surface == Surface::Compute {

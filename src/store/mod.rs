@@ -27,6 +27,7 @@ pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::crypto::{KeyCheck, KeyId, SealError};
@@ -387,11 +388,12 @@ pub trait Store: Send + Sync + 'static {
         id: &InstanceId,
     ) -> impl Future<Output = Result<Option<InstanceRecord>, StoreError>> + Send;
 
-    /// The registry row and password chunks of `id`, read consistently in one statement.
+    /// The registry row and password chunks of `id`, read consistently in one statement. Shared:
+    /// a cached record is handed out, not copied (each copy was a dozen allocations per GET).
     fn password(
         &self,
         id: &InstanceId,
-    ) -> impl Future<Output = Result<Option<PasswordRecord>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<Arc<PasswordRecord>>, StoreError>> + Send;
 
     /// Stores a password for `id` if none is set and `id` belongs to `project`: one atomic
     /// compare-and-set. A seal under `key_id` is reserved, then `seal` is called with the new
@@ -550,7 +552,7 @@ impl Store for Backend {
         delegate!(self.instance(id))
     }
 
-    async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
+    async fn password(&self, id: &InstanceId) -> Result<Option<Arc<PasswordRecord>>, StoreError> {
         delegate!(self.password(id))
     }
 

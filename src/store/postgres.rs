@@ -553,7 +553,7 @@ impl Store for PostgresStore {
         instance_row(&conn, id.as_str()).await
     }
 
-    async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
+    async fn password(&self, id: &InstanceId) -> Result<Option<Arc<PasswordRecord>>, StoreError> {
         let conn = self.conn().await?;
         let rows = conn
             .query(
@@ -591,7 +591,7 @@ impl Store for PostgresStore {
                 rec.chunks.push((key, row.get(4)));
             }
         }
-        Ok(record)
+        Ok(record.map(Arc::new))
     }
 
     async fn set_password_once(

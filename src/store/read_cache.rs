@@ -24,7 +24,7 @@
 //! O(1) per fill amortised, cannot be steered by a caller, and keeps memory flat.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::PasswordRecord;
@@ -51,7 +51,7 @@ pub(super) struct ReadCache {
 
 #[derive(Debug, Default)]
 struct Inner {
-    records: HashMap<String, (PasswordRecord, Instant)>,
+    records: HashMap<String, (Arc<PasswordRecord>, Instant)>,
     generation: u64,
 }
 
@@ -65,7 +65,7 @@ impl ReadCache {
     }
 
     /// The cached record of `id`, or the miss to fill with after reading the database.
-    pub(super) fn get(&self, id: &str) -> Result<PasswordRecord, Miss> {
+    pub(super) fn get(&self, id: &str) -> Result<Arc<PasswordRecord>, Miss> {
         let inner = self.inner();
         match inner.records.get(id) {
             Some((record, filled)) if filled.elapsed() < TTL => Ok(record.clone()),
@@ -74,7 +74,7 @@ impl ReadCache {
     }
 
     /// Caches what the database said of `id`, unless a write batch ended since the miss.
-    pub(super) fn fill(&self, id: &str, record: &PasswordRecord, miss: Miss) {
+    pub(super) fn fill(&self, id: &str, record: Arc<PasswordRecord>, miss: Miss) {
         let mut inner = self.inner();
         if inner.generation != miss.0 {
             return;
@@ -84,7 +84,7 @@ impl ReadCache {
         }
         inner
             .records
-            .insert(id.to_owned(), (record.clone(), crate::clock::io_now()));
+            .insert(id.to_owned(), (record, crate::clock::io_now()));
     }
 
     /// Forgets what a batch touched (called by the writer thread once its transaction ended).
@@ -110,15 +110,15 @@ mod tests {
     use super::*;
     use crate::store::InstanceRecord;
 
-    fn record(version: u64) -> PasswordRecord {
-        PasswordRecord {
+    fn record(version: u64) -> Arc<PasswordRecord> {
+        Arc::new(PasswordRecord {
             instance: InstanceRecord {
                 project_id: crate::ids::ProjectId::parse("project-a").unwrap(),
                 password_set: true,
                 password_version: version,
             },
             chunks: vec![("password_0".into(), b"sealed".to_vec())],
-        }
+        })
     }
 
     #[test]
@@ -127,13 +127,13 @@ mod tests {
         let miss = cache.get("i").unwrap_err();
         // The writer commits version 2 and invalidates while the reader holds version 1.
         cache.invalidate(&[Touches::Instance("i".into())]);
-        cache.fill("i", &record(1), miss);
+        cache.fill("i", record(1), miss);
         assert!(
             cache.get("i").is_err(),
             "the stale record must not be cached"
         );
         let miss = cache.get("i").unwrap_err();
-        cache.fill("i", &record(2), miss);
+        cache.fill("i", record(2), miss);
         assert_eq!(cache.get("i").unwrap().instance.password_version, 2);
     }
 
@@ -142,7 +142,7 @@ mod tests {
         let cache = ReadCache::default();
         for id in ["a", "b"] {
             let miss = cache.get(id).unwrap_err();
-            cache.fill(id, &record(1), miss);
+            cache.fill(id, record(1), miss);
         }
         cache.invalidate(&[Touches::Instance("a".into()), Touches::Nothing]);
         assert!(cache.get("a").is_err());
@@ -155,7 +155,7 @@ mod tests {
         for i in 0..CAPACITY + 10 {
             let id = format!("i-{i}");
             let miss = cache.get(&id).unwrap_err();
-            cache.fill(&id, &record(1), miss);
+            cache.fill(&id, record(1), miss);
         }
         assert!(cache.len() <= CAPACITY);
         assert!(cache.get(&format!("i-{}", CAPACITY + 9)).is_ok());

@@ -779,15 +779,15 @@ impl Store for SqliteStore {
         self.read(|conn| instance_row(conn, id.as_str()))
     }
 
-    async fn password(&self, id: &InstanceId) -> Result<Option<PasswordRecord>, StoreError> {
+    async fn password(&self, id: &InstanceId) -> Result<Option<Arc<PasswordRecord>>, StoreError> {
         super::check_deadline()?;
         let miss = match self.cache.get(id.as_str()) {
             Ok(record) => return Ok(Some(record)),
             Err(miss) => miss,
         };
-        let record = self.password_from_database(id)?;
+        let record = self.password_from_database(id)?.map(Arc::new);
         if let Some(record) = &record {
-            self.cache.fill(id.as_str(), record, miss);
+            self.cache.fill(id.as_str(), record.clone(), miss);
         }
         Ok(record)
     }
