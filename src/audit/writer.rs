@@ -357,7 +357,8 @@ impl Auditor {
     /// (see [`Self::written_with`]). Everything else is queued for the writer thread, waiting for
     /// queue space up to the deadline, and then for its acknowledgement.
     pub async fn record(&self, line: Vec<u8>, durability: Durability) -> Result<(), AuditError> {
-        // One deadline for the wait for queue space (or the lock) and the acknowledgement.
+        // One deadline for the wait for queue space and the acknowledgement; for a read in write
+        // mode, for the wait for the lock (its group's write then has none: see written_with).
         let deadline = crate::clock::io_now_tokio() + self.ack_timeout;
         if durability == Durability::Written && self.sync == SyncMode::Write {
             let Ok(mut writer) = tokio::time::timeout_at(deadline, self.writer.lock()).await else {
@@ -426,7 +427,7 @@ impl Auditor {
 
     /// Asks the writer to sign a checkpoint if events were written since the last one and
     /// [`CHECKPOINT_EVERY`] has passed, and to flush if [`WRITE_MODE_SYNC_BYTES`] are unflushed
-    /// (called on a timer and after an inline write; never waits).
+    /// (called on a timer and after a request wrote a staged group; never waits).
     pub fn tick(&self) {
         let _ = self.tx.try_send(Item::Tick);
     }
