@@ -90,6 +90,32 @@ impl Fixture {
         }
     }
 
+    /// Writes a metadata row for `id` behind the store's back.
+    async fn plant_chunk(&self, id: &InstanceId, key: &str, value: &[u8]) {
+        match &self.raw {
+            Raw::Sqlite(path) => {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute(
+                    "INSERT INTO instance_metadata (instance_id, key, value) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![id.as_str(), key, value],
+                )
+                .unwrap();
+            }
+            Raw::Postgres(client, schema) => {
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO {schema}.instance_metadata (instance_id, key, value)
+                             VALUES ($1, $2, $3)"
+                        ),
+                        &[&id.as_str(), &key, &value],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// How many metadata rows `id` has.
     async fn metadata_rows(&self, id: &InstanceId) -> i64 {
         match &self.raw {
@@ -678,6 +704,256 @@ async fn rewrap_moves_records_to_the_active_key(f: &Fixture) {
     }
 }
 
+/// A gate that passes and anchors its event at the next number of `counter`, taken when the
+/// gate is called: the order a real audit writer gives its events.
+fn counting_gate<O>(writer: &str, counter: &Arc<std::sync::atomic::AtomicU64>) -> Gate<O> {
+    let (writer, counter) = (Arc::<str>::from(writer), Arc::clone(counter));
+    Box::new(move |_| {
+        let seq = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let anchor = AuditAnchor {
+            writer,
+            seq,
+            mac: format!("{seq:064x}"),
+        };
+        Box::pin(async move { Ok(Some(anchor)) })
+    })
+}
+
+/// A password made for one test, kept for its whole run.
+fn password_for(label: String) -> &'static [u8] {
+    Box::leak(label.into_bytes().into_boxed_slice())
+}
+
+/// Many posts at once, as a batching backend takes them together: per instance exactly one wins
+/// and its own password reads back (bound to its own version), the instance's other posts hear
+/// `AlreadySet`, an unknown id and another project's instance are refused, no two winners share a
+/// version, and the newest anchor of all their events is the one recorded.
+async fn posts_taken_together_are_each_decided_on_their_own(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let writer = format!("host:/audit/{}", uuid::Uuid::new_v4());
+    let events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let ids: Vec<InstanceId> = (0..24).map(|_| new_id()).collect();
+    for id in &ids {
+        register(&f.store, id, "project-a").await;
+    }
+    let foreign = new_id();
+    register(&f.store, &foreign, "project-b").await;
+    let mut posts = Vec::new();
+    for round in 0..3 {
+        for (i, id) in ids.iter().enumerate() {
+            let password = password_for(format!("password {i} of round {round}"));
+            let (store, ring, id) = (f.store.clone(), ring.clone(), id.clone());
+            let gate = counting_gate(&writer, &events);
+            posts.push(tokio::spawn(async move {
+                let outcome = set_through(&store, &ring, &id, password, gate).await;
+                (Some(i), password, outcome.unwrap())
+            }));
+        }
+        for stray in [new_id(), foreign.clone()] {
+            let (store, ring) = (f.store.clone(), ring.clone());
+            let gate = counting_gate(&writer, &events);
+            posts.push(tokio::spawn(async move {
+                let outcome = set_through(&store, &ring, &stray, b"stray", gate).await;
+                (None, &b"stray"[..], outcome.unwrap())
+            }));
+        }
+    }
+    let mut winners: Vec<Option<(&[u8], u64)>> = vec![None; ids.len()];
+    let mut strays = Vec::new();
+    for post in posts {
+        match post.await.unwrap() {
+            (Some(i), password, SetOutcome::Stored { version }) => {
+                assert!(winners[i].is_none(), "two winners for instance {i}");
+                winners[i] = Some((password, version));
+            }
+            (Some(_), _, SetOutcome::AlreadySet) => {}
+            (None, _, outcome) => strays.push(outcome),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    strays.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        strays,
+        [
+            SetOutcome::NotFound,
+            SetOutcome::NotFound,
+            SetOutcome::NotFound,
+            SetOutcome::ProjectMismatch,
+            SetOutcome::ProjectMismatch,
+            SetOutcome::ProjectMismatch
+        ]
+    );
+    let mut versions = Vec::new();
+    for (id, winner) in ids.iter().zip(&winners) {
+        let (password, version) = winner.expect("every instance has a winner");
+        assert_eq!(read(&f.store, &ring, id).await.as_deref(), Some(password));
+        assert_eq!(
+            f.store
+                .instance(id)
+                .await
+                .unwrap()
+                .unwrap()
+                .password_version,
+            version
+        );
+        versions.push(version);
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), ids.len(), "winners share versions");
+    let all_events = events.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(all_events, 3 * (ids.len() as u64 + 2));
+    assert_eq!(
+        f.store.audit_anchor(&writer).await.unwrap().unwrap().seq,
+        all_events
+    );
+}
+
+/// A post that fails on its own among posts taken at the same time (one too long to seal, one
+/// under a key the store never registered) fails alone: nothing of it is stored, and every other
+/// post is.
+async fn a_post_that_fails_on_its_own_fails_alone(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let unregistered = keyring(9);
+    let ids: Vec<InstanceId> = (0..16).map(|_| new_id()).collect();
+    for id in &ids {
+        register(&f.store, id, "project-a").await;
+    }
+    let too_long: &'static [u8] = password_for("x".repeat(2_000));
+    let posts: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (store, id) = (f.store.clone(), id.clone());
+            let ring = if i == 5 {
+                unregistered.clone()
+            } else {
+                ring.clone()
+            };
+            let password = if i == 9 { too_long } else { b"fine" };
+            tokio::spawn(async move { set(&store, &ring, &id, password).await })
+        })
+        .collect();
+    for (i, post) in posts.into_iter().enumerate() {
+        let outcome = post.await.unwrap();
+        match i {
+            5 => assert!(
+                matches!(outcome, Err(StoreError::UnknownKey(9))),
+                "{outcome:?}"
+            ),
+            9 => assert!(matches!(outcome, Err(StoreError::Seal(_))), "{outcome:?}"),
+            _ => assert!(
+                matches!(outcome, Ok(SetOutcome::Stored { .. })),
+                "{outcome:?}"
+            ),
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let stored = read(&f.store, &ring, id).await;
+        if i == 5 || i == 9 {
+            assert_eq!(stored, None);
+            assert_eq!(f.metadata_rows(id).await, 0);
+            // The failure left the instance as it was: a later post sets it.
+            assert!(matches!(
+                set(&f.store, &ring, id, b"later").await,
+                Ok(SetOutcome::Stored { .. })
+            ));
+        } else {
+            assert_eq!(stored.as_deref(), Some(&b"fine"[..]));
+        }
+    }
+}
+
+/// One refused gate among posts taken at the same time: that post stores nothing and hears its
+/// gate did not pass; every other post either stored its password, or shared the refused
+/// transaction, then stored nothing and hears that its own gate had passed.
+async fn a_refused_gate_among_many_rolls_back_only_its_own_transaction(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let ids: Vec<InstanceId> = (0..16).map(|_| new_id()).collect();
+    for id in &ids {
+        register(&f.store, id, "project-a").await;
+    }
+    let posts: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let (store, ring, id) = (f.store.clone(), ring.clone(), id.clone());
+            let gate = if i == 7 { refusing_gate() } else { open_gate() };
+            tokio::spawn(async move { set_through(&store, &ring, &id, b"mine", gate).await })
+        })
+        .collect();
+    for (i, (post, id)) in posts.into_iter().zip(&ids).enumerate() {
+        let outcome = post.await.unwrap();
+        let stored = read(&f.store, &ring, id).await;
+        match outcome {
+            Err(StoreError::GateRefused { gate_passed: false }) if i == 7 => {
+                assert_eq!(stored, None)
+            }
+            Ok(SetOutcome::Stored { .. }) if i != 7 => {
+                assert_eq!(stored.as_deref(), Some(&b"mine"[..]))
+            }
+            Err(StoreError::GateRefused { gate_passed: true }) if i != 7 => {
+                assert_eq!(stored, None)
+            }
+            other => panic!("post {i}: unexpected {other:?}"),
+        }
+    }
+}
+
+/// Chunks planted under an unset password (one with the name the set will write, one beyond it)
+/// do not block the set, in a batch or alone, and do not survive it: the password reads back
+/// whole, and the instance has exactly the set's chunks.
+async fn chunks_planted_under_an_unset_password_are_replaced_by_the_set(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let ids: Vec<InstanceId> = (0..8).map(|_| new_id()).collect();
+    for id in &ids {
+        register(&f.store, id, "project-a").await;
+    }
+    for id in ids.iter().step_by(2) {
+        f.plant_chunk(id, &chunks::chunk_key(PASSWORD_FIELD, 0), b"planted")
+            .await;
+        f.plant_chunk(id, &chunks::chunk_key(PASSWORD_FIELD, 7), b"planted")
+            .await;
+    }
+    let posts: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (store, ring, id) = (f.store.clone(), ring.clone(), id.clone());
+            tokio::spawn(async move { set(&store, &ring, &id, b"real").await })
+        })
+        .collect();
+    for post in posts {
+        let outcome = post.await.unwrap();
+        assert!(
+            matches!(outcome, Ok(SetOutcome::Stored { .. })),
+            "{outcome:?}"
+        );
+    }
+    let alone_rows = {
+        let alone = &ids[1];
+        assert_eq!(
+            read(&f.store, &ring, alone).await.as_deref(),
+            Some(&b"real"[..])
+        );
+        f.metadata_rows(alone).await
+    };
+    for id in &ids {
+        assert_eq!(
+            read(&f.store, &ring, id).await.as_deref(),
+            Some(&b"real"[..])
+        );
+        assert_eq!(
+            f.metadata_rows(id).await,
+            alone_rows,
+            "planted chunks survived"
+        );
+    }
+}
+
 /// Instantiates each contract function once per backend.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -715,4 +991,8 @@ contract!(
     rewrap_moves_records_to_the_active_key,
     a_change_records_its_audit_anchor_in_its_transaction,
     a_change_whose_anchor_cannot_be_recorded_commits_nothing,
+    posts_taken_together_are_each_decided_on_their_own,
+    a_post_that_fails_on_its_own_fails_alone,
+    a_refused_gate_among_many_rolls_back_only_its_own_transaction,
+    chunks_planted_under_an_unset_password_are_replaced_by_the_set,
 );

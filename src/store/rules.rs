@@ -19,6 +19,16 @@ pub fn set_once_refused(row: Option<&InstanceRecord>, project: &str) -> SetOutco
     }
 }
 
+/// Whether a post may set the password of `row`, read under its lock: `Ok` if the instance is
+/// `project`'s and has none, else the refusal (for backends that decide before they write, like
+/// PostgreSQL's batches; the others' conditional update decides the same).
+pub fn set_once_allowed(row: Option<&InstanceRecord>, project: &str) -> Result<(), SetOutcome> {
+    match row {
+        Some(r) if r.project_id.as_str() == project && !r.password_set => Ok(()),
+        other => Err(set_once_refused(other, project)),
+    }
+}
+
 /// A record's password state as a row holds it, for [`still_listed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SealedState {
@@ -126,6 +136,20 @@ mod tests {
         assert_eq!(
             set_once_refused(Some(&row("p", true)), "p"),
             SetOutcome::AlreadySet
+        );
+    }
+
+    #[test]
+    fn a_set_is_allowed_only_on_the_projects_unset_instance() {
+        assert_eq!(set_once_allowed(Some(&row("p", false)), "p"), Ok(()));
+        assert_eq!(set_once_allowed(None, "p"), Err(SetOutcome::NotFound));
+        assert_eq!(
+            set_once_allowed(Some(&row("q", false)), "p"),
+            Err(SetOutcome::ProjectMismatch)
+        );
+        assert_eq!(
+            set_once_allowed(Some(&row("p", true)), "p"),
+            Err(SetOutcome::AlreadySet)
         );
     }
 

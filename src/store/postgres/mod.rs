@@ -4,9 +4,11 @@
 //!
 //! - Every mutation is one transaction on a pooled connection (deadpool-postgres). Its [`Gate`] is
 //!   awaited after the statements and before `COMMIT`; a refusal rolls back.
-//! - Set-once is one conditional `UPDATE ... WHERE NOT password_set` at `READ COMMITTED`: of
-//!   concurrent posts on any number of replicas, PostgreSQL lets exactly one change the row; the
-//!   others wait for its row lock, re-check the condition and change nothing.
+//! - Posts are committed in groups ([`sets`]): a lane locks its batch's rows in instance-id order
+//!   (`FOR NO KEY UPDATE` at `READ COMMITTED`), decides each post against the locked row, and
+//!   commits the batch as one transaction. Of concurrent posts on any number of replicas, each
+//!   waits for the row lock, reads the row as the previous holder left it, and exactly one finds
+//!   it unset; the conditional `UPDATE ... WHERE NOT password_set` re-checks it.
 //! - Record versions come from a sequence, taken only while the instance's row is locked, so each
 //!   instance's version only grows, and is never reused store-wide.
 //! - Seal counters are reserved 256 at a time by one autocommit statement on a separate small
@@ -31,6 +33,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Statement};
 
 use super::rules;
+
+mod sets;
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, InventoryRow, KeySync,
     KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,
@@ -83,8 +87,8 @@ const MIGRATIONS: &[&str] = &[
      );",
 ];
 
-/// Every this many sequence numbers, a transaction that records an anchor also prunes its
-/// writer's older anchors.
+/// The first anchor a process records in each block of this many sequence numbers also prunes
+/// its writer's anchors older than that (see [`AnchorPruning`]).
 const ANCHOR_PRUNE_EVERY: u64 = 1024;
 
 /// The advisory lock that serialises migrations between replicas (an arbitrary constant).
@@ -99,14 +103,44 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The PostgreSQL store. Cheap to share behind an `Arc`.
 pub struct PostgresStore {
     pool: Pool,
-    counters: Pool,
-    /// Seals reserved in the database and not yet used by this process, per key.
-    leases: tokio::sync::Mutex<std::collections::HashMap<KeyId, u64>>,
+    seals: Arc<SealBudget>,
+    anchors: Arc<AnchorPruning>,
+    /// The set-once lanes, started by the first post (they need the runtime; tools that only
+    /// read never start them).
+    sets: std::sync::OnceLock<sets::SetQueue>,
     target: String,
 }
 
-/// Seals one reservation takes from a key's budget (see [`PostgresStore::reserve_seal`]).
+/// Seals one reservation takes from a key's budget (see [`SealBudget::reserve`]).
 const SEAL_LEASE: u64 = 256;
+
+/// The seal counters: a small pool of its own, and the seals this process leased and has not
+/// used yet.
+struct SealBudget {
+    counters: Pool,
+    /// Seals reserved in the database and not yet used by this process, per key.
+    leases: tokio::sync::Mutex<std::collections::HashMap<KeyId, u64>>,
+}
+
+/// When this process last pruned its anchors: a batch records only its newest anchor, so the
+/// prune runs when a recorded sequence number enters a new block of [`ANCHOR_PRUNE_EVERY`], not
+/// when one happens to be a multiple of it.
+#[derive(Debug, Default)]
+struct AnchorPruning {
+    block: std::sync::atomic::AtomicU64,
+}
+
+impl AnchorPruning {
+    /// Whether `seq` is the first anchor this process records in its block (then prune).
+    fn enters_new_block(&self, seq: u64) -> bool {
+        let block = seq / ANCHOR_PRUNE_EVERY;
+        block > 0
+            && self
+                .block
+                .fetch_max(block, std::sync::atomic::Ordering::Relaxed)
+                < block
+    }
+}
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,8 +288,12 @@ impl PostgresStore {
         };
         Ok(Self {
             pool: build(settings.pool_size.max(1))?,
-            counters: build(COUNTER_POOL_SIZE)?,
-            leases: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            seals: Arc::new(SealBudget {
+                counters: build(COUNTER_POOL_SIZE)?,
+                leases: tokio::sync::Mutex::new(std::collections::HashMap::new()),
+            }),
+            anchors: Arc::default(),
+            sets: std::sync::OnceLock::new(),
             target,
         })
     }
@@ -305,13 +343,15 @@ impl PostgresStore {
         }
         tx.commit().await.map_err(db_err)
     }
+}
 
+impl SealBudget {
     /// Takes one seal from `key_id`'s budget. The budget is leased from the database
     /// [`SEAL_LEASE`] seals at a time, in one short autocommit statement (see the module docs):
     /// one counter update per seal made every post wait for its own database commit, which held
     /// POSTs on PostgreSQL to about 750 per second. Seals leased and unused when the process ends
     /// stay counted, which only brings rotation earlier; near the limit, single seals are taken.
-    async fn reserve_seal(&self, key_id: KeyId) -> Result<(), StoreError> {
+    async fn reserve(&self, key_id: KeyId) -> Result<(), StoreError> {
         let mut leases = self.leases.lock().await;
         if let Some(left) = leases.get_mut(&key_id).filter(|left| **left > 0) {
             *left -= 1;
@@ -342,13 +382,18 @@ impl PostgresStore {
 }
 
 /// Calls the gate with `outcome` and commits only if it lets the transaction through.
-async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, StoreError> {
+async fn settle<O>(
+    tx: Transaction<'_>,
+    anchors: &AnchorPruning,
+    gate: Gate<O>,
+    outcome: O,
+) -> Result<O, StoreError> {
     let Ok(anchor) = gate(&outcome).await else {
         let _ = tx.rollback().await;
         return Err(StoreError::GateRefused { gate_passed: false });
     };
     if let Some(anchor) = anchor
-        && let Err(e) = record_anchor(&tx, &anchor).await
+        && let Err(e) = record_anchor(&tx, anchors, &anchor).await
     {
         let _ = tx.rollback().await;
         return Err(StoreError::NotCommitted {
@@ -373,7 +418,11 @@ async fn settle<O>(tx: Transaction<'_>, gate: Gate<O>, outcome: O) -> Result<O, 
 }
 
 /// Records `anchor` in the mutation's transaction (see migration 3).
-async fn record_anchor(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(), StoreError> {
+async fn record_anchor(
+    tx: &Transaction<'_>,
+    anchors: &AnchorPruning,
+    anchor: &AuditAnchor,
+) -> Result<(), StoreError> {
     let insert = prepared(
         tx,
         "INSERT INTO audit_anchors (writer, seq, mac) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -385,21 +434,22 @@ async fn record_anchor(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(),
     )
     .await
     .map_err(db_err)?;
-    prune_anchors(tx, anchor).await
+    if anchors.enters_new_block(anchor.seq) {
+        prune_anchors(tx, anchor).await?;
+    }
+    Ok(())
 }
 
-/// Keeps the anchor table small: every [`ANCHOR_PRUNE_EVERY`] events, the anchors of this
-/// writer older than that are removed, in the same transaction.
+/// Keeps the anchor table small: the anchors of this writer more than [`ANCHOR_PRUNE_EVERY`]
+/// sequence numbers older than `anchor` are removed, in the same transaction.
 async fn prune_anchors(tx: &Transaction<'_>, anchor: &AuditAnchor) -> Result<(), StoreError> {
-    if anchor.seq.is_multiple_of(ANCHOR_PRUNE_EVERY) {
-        let keep_from = to_i64(anchor.seq) - to_i64(ANCHOR_PRUNE_EVERY);
-        tx.execute(
-            "DELETE FROM audit_anchors WHERE writer = $1 AND seq < $2",
-            &[&&*anchor.writer, &keep_from],
-        )
-        .await
-        .map_err(db_err)?;
-    }
+    let keep_from = to_i64(anchor.seq) - to_i64(ANCHOR_PRUNE_EVERY);
+    tx.execute(
+        "DELETE FROM audit_anchors WHERE writer = $1 AND seq < $2",
+        &[&&*anchor.writer, &keep_from],
+    )
+    .await
+    .map_err(db_err)?;
     Ok(())
 }
 
@@ -517,7 +567,7 @@ impl Store for PostgresStore {
             how,
         );
         if let RegisterPlan::Answer(outcome) = plan {
-            return settle(tx, gate, outcome).await;
+            return settle(tx, &self.anchors, gate, outcome).await;
         }
         let inserted = tx
             .execute(
@@ -545,7 +595,7 @@ impl Store for PostgresStore {
                 RegisterOutcome::OwnedByOther
             }
         };
-        settle(tx, gate, outcome).await
+        settle(tx, &self.anchors, gate, outcome).await
     }
 
     async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
@@ -602,53 +652,14 @@ impl Store for PostgresStore {
         seal: SealFn,
         gate: Gate<SetOutcome>,
     ) -> Result<SetOutcome, StoreError> {
-        let (id, project) = (id.as_str(), project.as_str());
-        let mut conn = self.conn().await?;
-        let tx = conn.transaction().await.map_err(db_err)?;
-        // The compare-and-set, in one statement. The version is taken from the sequence as the
-        // row is changed, that is once its lock is held.
-        let won = tx
-            .query_opt(
-                &prepared(
-                    &tx,
-                    // Chunks left under an unset password (there should be none) go in the
-                    // same statement: the INSERT that follows is a later statement, so it
-                    // never meets them.
-                    "WITH won AS (
-                       UPDATE instances
-                       SET password_set = true, password_version = nextval('record_versions'),
-                           password_key_id = $3, updated_at = $4
-                       WHERE instance_id = $1 AND project_id = $2 AND NOT password_set
-                       RETURNING instance_id, password_version
-                     ), stale AS (
-                       DELETE FROM instance_metadata m USING won
-                       WHERE m.instance_id = won.instance_id AND starts_with(m.key, $5)
-                     )
-                     SELECT password_version FROM won",
-                )
-                .await?,
-                &[
-                    &id,
-                    &project,
-                    &i64::from(key_id),
-                    &now_unix(),
-                    &PASSWORD_CHUNK_PREFIX,
-                ],
+        let queue = self.sets.get_or_init(|| {
+            sets::SetQueue::start(
+                self.pool.clone(),
+                Arc::clone(&self.seals),
+                Arc::clone(&self.anchors),
             )
-            .await
-            .map_err(db_err)?;
-        let outcome = match won {
-            None => rules::set_once_refused(instance_row(&tx, id).await?.as_ref(), project),
-            Some(row) => {
-                let version = version_from(row.get(0))?;
-                self.reserve_seal(key_id).await?;
-                let sealed = seal(version)?;
-                rules::check_sealed_under(&sealed, key_id)?;
-                insert_chunks(&tx, id, &sealed).await?;
-                SetOutcome::Stored { version }
-            }
-        };
-        settle(tx, gate, outcome).await
+        });
+        queue.submit(id, project, key_id, seal, gate).await
     }
 
     async fn sync_keys(
@@ -699,7 +710,7 @@ impl Store for PostgresStore {
                 .map_err(db_err)?;
             outcome.added.clear();
         }
-        settle(tx, gate, outcome).await
+        settle(tx, &self.anchors, gate, outcome).await
     }
 
     async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
@@ -823,7 +834,7 @@ impl Store for PostgresStore {
                 },
                 Ok(old) => {
                     let version = next_version(&tx).await?;
-                    self.reserve_seal(to_key).await?;
+                    self.seals.reserve(to_key).await?;
                     match reseal(&old, candidate.version, version)? {
                         // Left as it is; the version and seal taken are spent unused (harmless).
                         Err(_) => RewrapOutcome::Unreadable {
@@ -849,7 +860,7 @@ impl Store for PostgresStore {
                 }
             }
         };
-        settle(tx, gate, outcome).await
+        settle(tx, &self.anchors, gate, outcome).await
     }
 
     async fn clear_password(
@@ -894,7 +905,7 @@ impl Store for PostgresStore {
                 ClearOutcome::Cleared { was_set, version }
             }
         };
-        settle(tx, gate, outcome).await
+        settle(tx, &self.anchors, gate, outcome).await
     }
 
     async fn delete_instance(
@@ -935,7 +946,7 @@ impl Store for PostgresStore {
             }
             None => DeleteOutcome::NotFound,
         };
-        settle(tx, gate, outcome).await
+        settle(tx, &self.anchors, gate, outcome).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
