@@ -954,6 +954,48 @@ async fn chunks_planted_under_an_unset_password_are_replaced_by_the_set(f: &Fixt
     }
 }
 
+/// Registry reads at the same moment (as a coalescing backend answers them from one statement):
+/// each hears its own instance's row, an unknown id hears none, the same id read twice hears the
+/// same row twice.
+async fn reads_taken_together_each_hear_their_own_row(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let ids: Vec<InstanceId> = (0..40).map(|_| new_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let owner = if i % 3 == 0 { "project-b" } else { "project-a" };
+        register(&f.store, id, owner).await;
+        if i % 4 == 0 && owner == "project-a" {
+            set(&f.store, &ring, id, b"set").await.unwrap();
+        }
+    }
+    let unknown = new_id();
+    let mut wanted: Vec<InstanceId> = ids.iter().chain(ids.iter().take(10)).cloned().collect();
+    wanted.push(unknown.clone());
+    let reads: Vec<_> = wanted
+        .iter()
+        .map(|id| {
+            let (store, id) = (f.store.clone(), id.clone());
+            tokio::spawn(async move { store.instance(&id).await.unwrap() })
+        })
+        .collect();
+    for (id, read) in wanted.iter().zip(reads) {
+        let got = read.await.unwrap();
+        if *id == unknown {
+            assert_eq!(got, None);
+            continue;
+        }
+        let i = ids.iter().position(|x| x == id).unwrap();
+        let got = got.expect("a registered instance is found");
+        let owner = if i % 3 == 0 { "project-b" } else { "project-a" };
+        assert_eq!(got.project_id.as_str(), owner, "instance {i}");
+        assert_eq!(
+            got.password_set,
+            i % 4 == 0 && owner == "project-a",
+            "instance {i}"
+        );
+    }
+}
+
 /// Instantiates each contract function once per backend.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -995,4 +1037,5 @@ contract!(
     a_post_that_fails_on_its_own_fails_alone,
     a_refused_gate_among_many_rolls_back_only_its_own_transaction,
     chunks_planted_under_an_unset_password_are_replaced_by_the_set,
+    reads_taken_together_each_hear_their_own_row,
 );

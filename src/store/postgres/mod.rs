@@ -9,6 +9,7 @@
 //!   commits the batch as one transaction. Of concurrent posts on any number of replicas, each
 //!   waits for the row lock, reads the row as the previous holder left it, and exactly one finds
 //!   it unset; the conditional `UPDATE ... WHERE NOT password_set` re-checks it.
+//! - Registry reads waiting at the same moment are answered from one statement ([`reads`]).
 //! - Record versions come from a sequence, taken only while the instance's row is locked, so each
 //!   instance's version only grows, and is never reused store-wide.
 //! - Seal counters are reserved 256 at a time by one autocommit statement on a separate small
@@ -34,6 +35,7 @@ use tokio_postgres::{NoTls, Statement};
 
 use super::rules;
 
+mod reads;
 mod sets;
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, InventoryRow, KeySync,
@@ -108,6 +110,8 @@ pub struct PostgresStore {
     /// The set-once lanes, started by the first post (they need the runtime; tools that only
     /// read never start them).
     sets: std::sync::OnceLock<sets::SetQueue>,
+    /// The registry read lanes, started by the first read.
+    reads: std::sync::OnceLock<reads::InstanceReads>,
     target: String,
 }
 
@@ -294,6 +298,7 @@ impl PostgresStore {
             }),
             anchors: Arc::default(),
             sets: std::sync::OnceLock::new(),
+            reads: std::sync::OnceLock::new(),
             target,
         })
     }
@@ -479,6 +484,22 @@ async fn instance_row(
     .transpose()
 }
 
+/// An instance row selected as `instance_id, project_id, password_set, password_version`, or why
+/// it cannot be read (for the batches, where one bad row must not fail the others).
+fn row_record(row: &tokio_postgres::Row) -> Result<InstanceRecord, String> {
+    let read = || -> Result<InstanceRecord, StoreError> {
+        Ok(InstanceRecord {
+            project_id: stored_project(row.get(1))?,
+            password_set: row.get(2),
+            password_version: version_from(row.get(3))?,
+        })
+    };
+    read().map_err(|e| match e {
+        StoreError::Corrupt(why) => why,
+        other => other.to_string(),
+    })
+}
+
 /// A statement prepared once per connection: an unprepared one costs a Parse round trip (and
 /// the server's planning) every time, which on the hot paths was half of their round trips.
 async fn prepared(client: &impl GenericClient, sql: &str) -> Result<Statement, StoreError> {
@@ -599,8 +620,10 @@ impl Store for PostgresStore {
     }
 
     async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
-        let conn = self.conn().await?;
-        instance_row(&conn, id.as_str()).await
+        let reads = self
+            .reads
+            .get_or_init(|| reads::InstanceReads::start(self.pool.clone()));
+        super::within_deadline(reads.read(id)).await
     }
 
     async fn password(&self, id: &InstanceId) -> Result<Option<Arc<PasswordRecord>>, StoreError> {

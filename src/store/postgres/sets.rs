@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{
-    AnchorPruning, SealBudget, db_err, pool_err, prepared, record_anchor, rules, stored_project,
+    AnchorPruning, SealBudget, db_err, pool_err, prepared, record_anchor, row_record, rules,
 };
 use crate::crypto::KeyId;
 use crate::ids::{InstanceId, ProjectId};
@@ -333,7 +333,7 @@ impl Lane {
             .collect();
         let mut rows: HashMap<&str, Result<InstanceRecord, String>> = rows
             .iter()
-            .map(|row| (row.get(0), locked_row(row)))
+            .map(|row| (row.get(0), row_record(row)))
             .collect();
         let mut versions = versions
             .map_err(db_err)?
@@ -423,21 +423,6 @@ impl Lane {
         rules::check_sealed_under(&sealed, post.key_id)?;
         Ok(sealed)
     }
-}
-
-/// A locked row as the decision needs it, or why it cannot be read.
-fn locked_row(row: &tokio_postgres::Row) -> Result<InstanceRecord, String> {
-    let read = || -> Result<InstanceRecord, StoreError> {
-        Ok(InstanceRecord {
-            project_id: stored_project(row.get(1))?,
-            password_set: row.get(2),
-            password_version: version_from(row.get(3))?,
-        })
-    };
-    read().map_err(|e| match e {
-        StoreError::Corrupt(why) => why,
-        other => other.to_string(),
-    })
 }
 
 /// The posts of a batch that set a password, as the arrays its two statements take.
