@@ -996,6 +996,53 @@ async fn reads_taken_together_each_hear_their_own_row(f: &Fixture) {
     }
 }
 
+/// Sealed-record reads at the same moment (as a coalescing backend answers them from one
+/// statement): each opens to its own instance's password, an unset one has none, and one with
+/// more chunks than a record may have is refused as corrupt without failing the others.
+async fn password_reads_taken_together_each_hear_their_own_record(f: &Fixture) {
+    let ring = keyring(1);
+    sync(&f.store, &ring).await;
+    let ids: Vec<InstanceId> = (0..30).map(|_| new_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        register(&f.store, id, "project-a").await;
+        if i % 5 != 0 {
+            set(&f.store, &ring, id, password_for(format!("password {i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let bloated = &ids[0];
+    for index in 0..=chunks::MAX_CHUNKS {
+        f.plant_chunk(bloated, &chunks::chunk_key(PASSWORD_FIELD, index), b"x")
+            .await;
+    }
+    let wanted: Vec<InstanceId> = ids.iter().chain(ids.iter().take(8)).cloned().collect();
+    let reads: Vec<_> = wanted
+        .iter()
+        .map(|id| {
+            let (store, id) = (f.store.clone(), id.clone());
+            tokio::spawn(async move { store.password(&id).await })
+        })
+        .collect();
+    for (id, reading) in wanted.iter().zip(reads) {
+        let got = reading.await.unwrap();
+        let i = ids.iter().position(|x| x == id).unwrap();
+        if id == bloated {
+            assert!(matches!(got, Err(StoreError::Corrupt(_))), "{got:?}");
+            continue;
+        }
+        let record = got.unwrap().expect("a registered instance has a record");
+        if i % 5 == 0 {
+            assert!(!record.instance.password_set && record.chunks.is_empty());
+        } else {
+            let opened = read(&f.store, &ring, id).await;
+            assert_eq!(opened, Some(format!("password {i}").into_bytes()));
+            assert!(record.instance.password_set);
+        }
+    }
+    assert!(f.store.password(&new_id()).await.unwrap().is_none());
+}
+
 /// Instantiates each contract function once per backend.
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
@@ -1038,4 +1085,5 @@ contract!(
     a_refused_gate_among_many_rolls_back_only_its_own_transaction,
     chunks_planted_under_an_unset_password_are_replaced_by_the_set,
     reads_taken_together_each_hear_their_own_row,
+    password_reads_taken_together_each_hear_their_own_record,
 );

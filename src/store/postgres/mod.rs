@@ -9,7 +9,8 @@
 //!   commits the batch as one transaction. Of concurrent posts on any number of replicas, each
 //!   waits for the row lock, reads the row as the previous holder left it, and exactly one finds
 //!   it unset; the conditional `UPDATE ... WHERE NOT password_set` re-checks it.
-//! - Registry reads waiting at the same moment are answered from one statement ([`reads`]).
+//! - Reads (registry rows, sealed records) waiting at the same moment are answered from one
+//!   statement per kind ([`reads`]).
 //! - Record versions come from a sequence, taken only while the instance's row is locked, so each
 //!   instance's version only grows, and is never reused store-wide.
 //! - Seal counters are reserved 256 at a time by one autocommit statement on a separate small
@@ -110,8 +111,9 @@ pub struct PostgresStore {
     /// The set-once lanes, started by the first post (they need the runtime; tools that only
     /// read never start them).
     sets: std::sync::OnceLock<sets::SetQueue>,
-    /// The registry read lanes, started by the first read.
-    reads: std::sync::OnceLock<reads::InstanceReads>,
+    /// The read lanes, started by the first read of each kind.
+    instance_reads: std::sync::OnceLock<reads::Coalesced<reads::InstanceRows>>,
+    password_reads: std::sync::OnceLock<reads::Coalesced<reads::PasswordRows>>,
     target: String,
 }
 
@@ -298,7 +300,8 @@ impl PostgresStore {
             }),
             anchors: Arc::default(),
             sets: std::sync::OnceLock::new(),
-            reads: std::sync::OnceLock::new(),
+            instance_reads: std::sync::OnceLock::new(),
+            password_reads: std::sync::OnceLock::new(),
             target,
         })
     }
@@ -621,50 +624,16 @@ impl Store for PostgresStore {
 
     async fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
         let reads = self
-            .reads
-            .get_or_init(|| reads::InstanceReads::start(self.pool.clone()));
+            .instance_reads
+            .get_or_init(|| reads::Coalesced::start(self.pool.clone()));
         super::within_deadline(reads.read(id)).await
     }
 
     async fn password(&self, id: &InstanceId) -> Result<Option<Arc<PasswordRecord>>, StoreError> {
-        let conn = self.conn().await?;
-        let rows = conn
-            .query(
-                &prepared(
-                    &conn,
-                    "SELECT i.project_id, i.password_set, i.password_version, m.key, m.value
-                     FROM instances i
-                     LEFT JOIN instance_metadata m
-                       ON m.instance_id = i.instance_id AND starts_with(m.key, $2)
-                     WHERE i.instance_id = $1",
-                )
-                .await?,
-                &[&id.as_str(), &PASSWORD_CHUNK_PREFIX],
-            )
-            .await
-            .map_err(db_err)?;
-        let mut record: Option<PasswordRecord> = None;
-        for row in rows {
-            let rec = match record.as_mut() {
-                Some(rec) => rec,
-                None => record.insert(PasswordRecord {
-                    instance: InstanceRecord {
-                        project_id: stored_project(row.get(0))?,
-                        password_set: row.get(1),
-                        password_version: version_from(row.get(2))?,
-                    },
-                    chunks: Vec::new(),
-                }),
-            };
-            let key: Option<String> = row.get(3);
-            if let Some(key) = key {
-                if rec.chunks.len() >= chunks::MAX_CHUNKS {
-                    return Err(StoreError::Corrupt("too many password chunks".into()));
-                }
-                rec.chunks.push((key, row.get(4)));
-            }
-        }
-        Ok(record.map(Arc::new))
+        let reads = self
+            .password_reads
+            .get_or_init(|| reads::Coalesced::start(self.pool.clone()));
+        super::within_deadline(reads.read(id)).await
     }
 
     async fn set_password_once(
