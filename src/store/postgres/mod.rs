@@ -997,3 +997,21 @@ impl Store for PostgresStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anchors_are_pruned_once_per_block_whatever_numbers_the_batches_record() {
+        let pruning = AnchorPruning::default();
+        // Batches record only their newest anchor, so the numbers skip the multiples.
+        assert!(!pruning.enters_new_block(1000));
+        assert!(pruning.enters_new_block(1030));
+        assert!(!pruning.enters_new_block(1500));
+        assert!(!pruning.enters_new_block(1029));
+        assert!(pruning.enters_new_block(2051));
+        assert!(pruning.enters_new_block(5000));
+        assert!(!pruning.enters_new_block(4100));
+    }
+}
