@@ -2,13 +2,14 @@
 //!
 //! Same contract as [`super::sqlite`], built for concurrency across processes:
 //!
-//! - Every mutation is one transaction on a pooled connection (deadpool-postgres). Its [`Gate`] is
-//!   awaited after the statements and before `COMMIT`; a refusal rolls back.
-//! - Posts are committed in groups ([`sets`]): a lane locks its batch's rows in instance-id order
-//!   (`FOR NO KEY UPDATE` at `READ COMMITTED`), decides each post against the locked row, and
-//!   commits the batch as one transaction. Of concurrent posts on any number of replicas, each
-//!   waits for the row lock, reads the row as the previous holder left it, and exactly one finds
-//!   it unset; the conditional `UPDATE ... WHERE NOT password_set` re-checks it.
+//! - Every mutation but a post is one transaction on a pooled connection (deadpool-postgres). Its
+//!   [`Gate`] is awaited after the statements and before `COMMIT`; a refusal rolls back.
+//! - Posts are committed in groups ([`sets`]), their gates awaited together before the batch's
+//!   `COMMIT`: a lane locks its batch's rows (`FOR NO KEY UPDATE SKIP LOCKED` at
+//!   `READ COMMITTED`), decides each post against its locked row, and commits the batch as one
+//!   transaction. A post whose row another transaction holds (on any replica) is tried again a
+//!   moment later and then reads the row as the holder left it, so of concurrent posts exactly
+//!   one finds it unset; the conditional `UPDATE ... WHERE NOT password_set` re-checks it.
 //! - Reads (registry rows, sealed records) waiting at the same moment are answered from one
 //!   statement per kind ([`reads`]).
 //! - Record versions come from a sequence, taken only while the instance's row is locked, so each
@@ -34,10 +35,10 @@ use secrecy::ExposeSecret;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Statement};
 
-use super::rules;
-
 mod reads;
 mod sets;
+
+use super::rules;
 use super::{
     AuditAnchor, ClearOutcome, DeleteOutcome, Gate, InstanceRecord, InventoryRow, KeySync,
     KeyUsage, PASSWORD_CHUNK_PREFIX, PASSWORD_FIELD, PasswordRecord, RegisterOutcome, RegisterPlan,

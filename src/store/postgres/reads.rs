@@ -16,8 +16,9 @@ use super::{PASSWORD_CHUNK_PREFIX, db_err, pool_err, prepared, row_record};
 use crate::ids::InstanceId;
 use crate::store::{InstanceRecord, PasswordRecord, StoreError, chunks};
 
-/// Lanes per kind of read: statements in flight at once (a bound on the connections reads take
-/// from the pool; a small pool gets one lane per two connections).
+/// Lanes per kind of read: statements in flight at once, a bound on the connections reads take
+/// from the pool: one per four connections, at least one, so that the three kinds of lanes
+/// (registry reads, record reads, posts) hold at most three quarters of a pool of four or more.
 const READ_LANES: usize = 4;
 
 /// The most reads one statement answers.
@@ -50,7 +51,7 @@ impl<R: BatchRead> Coalesced<R> {
     pub(super) fn start(pool: Pool) -> Self {
         let (reads, waiting) = mpsc::channel(QUEUE_DEPTH);
         let waiting: Waiting<R> = Arc::new(tokio::sync::Mutex::new(waiting));
-        let lanes = (pool.status().max_size / 2).clamp(1, READ_LANES);
+        let lanes = (pool.status().max_size / 4).clamp(1, READ_LANES);
         for _ in 0..lanes {
             tokio::spawn(run_lane::<R>(pool.clone(), Arc::clone(&waiting)));
         }

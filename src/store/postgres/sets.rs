@@ -4,22 +4,27 @@
 //! flush, a backend wake-up for each) the limit on posts: about 1,900 per second on the bench
 //! machine, where pgbench itself reaches 3,500 transactions per second. So posts are queued, and a
 //! few lanes each take what is waiting (up to [`MAX_BATCH`] posts) and run it as one transaction
-//! of four round trips:
+//! of five round trips, whatever its size:
 //!
-//! 1. lock the batch's instance rows in instance-id order (`FOR NO KEY UPDATE`, the lock an
-//!    update takes), so lanes and replicas whose batches overlap queue behind each other instead
-//!    of deadlocking, and read them; pipelined behind it, one record version per post from the
-//!    store-wide sequence, taken once the locks are held (so each instance's version only grows);
+//! 1. lock the batch's instance rows (`FOR NO KEY UPDATE`, the lock an update takes) and read
+//!    them; pipelined behind it, one record version per post from the store-wide sequence, taken
+//!    once the locks are held (so each instance's version only grows). The lock is taken with
+//!    `SKIP LOCKED`: a row another transaction holds (another lane's or replica's batch, a
+//!    rewrap, an operator's open session) is not waited for. Its post goes back to the queue and
+//!    is tried again [`HELD_ROW_RETRY`] later (until its request's deadline), so one held row
+//!    never holds up the other posts of its batch, and no lane ever waits for a row lock (so
+//!    lanes and replicas cannot deadlock on them);
 //! 2. decide each post in queue order against the locked rows, a second post for the same
 //!    instance seeing the first one's result ([`rules::set_once_allowed`]), then reserve its
 //!    seal and seal it;
-//! 3. mark the winners' rows set (removing any stale chunks), and, pipelined, insert every
-//!    winner's chunks in one statement;
+//! 3. mark the winners' rows set and, pipelined, insert every winner's chunks in one statement
+//!    (first removing chunks the lock found under an unset row, which should never happen);
 //! 4. every post's gate (the batch's audit events, which the audit writer writes together), the
 //!    newest anchor, and one `COMMIT`.
 //!
 //! The guarantees are the single transaction's: each post is decided under its row's lock, so
-//! the set-once check cannot race, on this replica or another; nothing commits before every gate
+//! the set-once check cannot race, on this replica or another (a post that found its row held
+//! reads it, when it has it, as the holder left it); nothing commits before every gate
 //! of the batch said yes, and a refusal or failure rolls back the whole batch, each post told
 //! whether its own gate had passed (as the SQLite writer's batches do). A post whose own step
 //! fails (its key's seal budget spent, its seal failing) gets that error, is left out of the
@@ -44,7 +49,7 @@ use crate::store::{
 
 /// The most lanes (batches in flight at once): one lane would leave the database idle while its
 /// batch waits for the audit log; a few keep it busy without holding many row locks at a time.
-/// A small pool gets fewer, one per two connections, so reads always find one.
+/// A small pool gets fewer (one per four connections, at least one), as for the read lanes.
 const SET_LANES: usize = 4;
 
 /// The most posts one batch takes (a bound on how many rows one transaction locks).
@@ -53,7 +58,10 @@ const MAX_BATCH: usize = 64;
 /// Posts that may wait for a lane; past that, a post waits for room (up to its deadline).
 const QUEUE_DEPTH: usize = 1024;
 
-/// Locks the batch's rows in one order and reads them (see the module docs), with whether an
+/// How long a post whose row another transaction held waits before it is tried again.
+const HELD_ROW_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Locks the batch's rows that no one else holds and reads them (see the module docs), with whether an
 /// unset row has chunks left under it (there should be none: written behind metapass's back),
 /// which the set then removes.
 ///
@@ -69,7 +77,10 @@ const LOCK_ROWS: &str = "SELECT i.instance_id, i.project_id, i.password_set, i.p
               WHERE m.instance_id = i.instance_id AND starts_with(m.key, $2) LIMIT 1
             )
      FROM instances i WHERE i.instance_id = ANY($1)
-     ORDER BY i.instance_id FOR NO KEY UPDATE OF i";
+     FOR NO KEY UPDATE OF i SKIP LOCKED";
+
+/// Which of the ids the lock statement did not return exist: their rows were held elsewhere.
+const HELD_ELSEWHERE: &str = "SELECT instance_id FROM instances WHERE instance_id = ANY($1)";
 
 /// One record version per post of the batch.
 const TAKE_VERSIONS: &str = "SELECT nextval('record_versions') FROM generate_series(1, $1::bigint)";
@@ -116,13 +127,14 @@ impl SetQueue {
     pub(super) fn start(pool: Pool, seals: Arc<SealBudget>, anchors: Arc<AnchorPruning>) -> Self {
         let (posts, waiting) = mpsc::channel(QUEUE_DEPTH);
         let waiting = Arc::new(tokio::sync::Mutex::new(waiting));
-        let lanes = (pool.status().max_size / 2).clamp(1, SET_LANES);
+        let lanes = (pool.status().max_size / 4).clamp(1, SET_LANES);
         for _ in 0..lanes {
             let lane = Lane {
                 pool: pool.clone(),
                 seals: Arc::clone(&seals),
                 anchors: Arc::clone(&anchors),
                 waiting: Arc::clone(&waiting),
+                requeue: posts.downgrade(),
             };
             tokio::spawn(lane.run());
         }
@@ -174,6 +186,9 @@ struct Lane {
     seals: Arc<SealBudget>,
     anchors: Arc<AnchorPruning>,
     waiting: Arc<tokio::sync::Mutex<mpsc::Receiver<Post>>>,
+    /// The queue, for posts whose row was held elsewhere (weak: the lanes stop when the store
+    /// drops the queue).
+    requeue: mpsc::WeakSender<Post>,
 }
 
 impl Lane {
@@ -208,13 +223,21 @@ impl Lane {
         }
     }
 
-    /// Runs one batch and answers each of its posts.
+    /// Runs one batch and answers each of its posts (or queues again those whose row was held).
     async fn commit(&self, mut batch: Vec<Post>) {
         let mut decided: Vec<Option<Result<SetOutcome, StoreError>>> =
             batch.iter().map(|_| None).collect();
         let mut verdicts: Vec<Option<bool>> = vec![None; batch.len()];
-        let failure = self.write(&mut batch, &mut decided, &mut verdicts).await;
-        for ((post, own), verdict) in batch.into_iter().zip(decided).zip(verdicts) {
+        let mut held = vec![false; batch.len()];
+        let failure = self
+            .write(&mut batch, &mut decided, &mut verdicts, &mut held)
+            .await;
+        for (((post, own), verdict), held) in batch.into_iter().zip(decided).zip(verdicts).zip(held)
+        {
+            if held {
+                self.retry_later(post);
+                continue;
+            }
             let gate_passed = verdict == Some(true);
             let result = match (&failure, own) {
                 // A post's own error stands: nothing of it was written.
@@ -235,6 +258,24 @@ impl Lane {
         }
     }
 
+    /// Queues `post` again after [`HELD_ROW_RETRY`]; its seal and gate are untouched.
+    fn retry_later(&self, post: Post) {
+        let Some(queue) = self.requeue.upgrade() else {
+            let _ = post.reply.send(Err(StoreError::Unavailable(
+                "the set-once lanes have stopped".into(),
+            )));
+            return;
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(HELD_ROW_RETRY).await;
+            if let Err(mpsc::error::SendError(post)) = queue.send(post).await {
+                let _ = post.reply.send(Err(StoreError::Unavailable(
+                    "the set-once lanes have stopped".into(),
+                )));
+            }
+        });
+    }
+
     /// The batch's transaction (see the module docs); `None` if it committed. Long on purpose:
     /// the order (no commit before every gate said yes) is the audit guarantee, and reads as one
     /// sequence.
@@ -243,6 +284,7 @@ impl Lane {
         batch: &mut [Post],
         decided: &mut [Option<Result<SetOutcome, StoreError>>],
         verdicts: &mut [Option<bool>],
+        held: &mut [bool],
     ) -> Option<BatchFailure> {
         let mut conn = match self.pool.get().await {
             Ok(conn) => conn,
@@ -252,18 +294,30 @@ impl Lane {
             Ok(tx) => tx,
             Err(e) => return Some(BatchFailure::Before(db_err(e))),
         };
-        if let Err(e) = self.decide_and_write(&tx, batch, decided).await {
+        if let Err(e) = self.decide_and_write(&tx, batch, decided, held).await {
             let _ = tx.rollback().await;
             return Some(BatchFailure::Before(e));
         }
 
         // Every gate of the batch together; the batch waits as long as its slowest ticket
         // (each bounded by its own deadline), never the sum of them.
+        // A gate is taken only by a post decided here: a post whose row was held keeps its own
+        // for its next batch. A decided post without one would commit unaudited: refuse.
+        if batch
+            .iter()
+            .zip(decided.iter())
+            .any(|(post, own)| matches!(own, Some(Ok(_))) && post.gate.is_none())
+        {
+            let _ = tx.rollback().await;
+            return Some(BatchFailure::Before(StoreError::Unavailable(
+                "a post's commit gate was spent".into(),
+            )));
+        }
         let tickets: Vec<Option<GateTicket>> = batch
             .iter_mut()
             .zip(decided.iter())
-            .map(|(post, own)| match (own, post.gate.take()) {
-                (Some(Ok(outcome)), Some(gate)) => Some(gate(outcome)),
+            .map(|(post, own)| match own {
+                Some(Ok(outcome)) => post.gate.take().map(|gate| gate(outcome)),
                 _ => None,
             })
             .collect();
@@ -304,12 +358,14 @@ impl Lane {
         }
     }
 
-    /// Steps 1 to 3 of the module docs: fills `decided` with each post's outcome or own error.
+    /// Steps 1 to 3 of the module docs: fills `decided` with each post's outcome or own error,
+    /// and `held` for the posts whose row another transaction held.
     async fn decide_and_write(
         &self,
         tx: &Transaction<'_>,
         batch: &mut [Post],
         decided: &mut [Option<Result<SetOutcome, StoreError>>],
+        held: &mut [bool],
     ) -> Result<(), StoreError> {
         let mut ids: Vec<&str> = batch.iter().map(|post| post.id.as_str()).collect();
         ids.sort_unstable();
@@ -335,13 +391,32 @@ impl Lane {
             .iter()
             .map(|row| (row.get(0), row_record(row)))
             .collect();
+        let unlocked: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !rows.contains_key(id))
+            .collect();
+        let held_elsewhere: std::collections::HashSet<String> = if unlocked.is_empty() {
+            std::collections::HashSet::new()
+        } else {
+            tx.query(&prepared(tx, HELD_ELSEWHERE).await?, &[&unlocked])
+                .await
+                .map_err(db_err)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        };
         let mut versions = versions
             .map_err(db_err)?
             .into_iter()
             .map(|row| version_from(row.get(0)));
 
         let mut won = Winners::default();
-        for (post, own) in batch.iter_mut().zip(decided.iter_mut()) {
+        for ((post, own), held) in batch.iter_mut().zip(decided.iter_mut()).zip(held) {
+            if held_elsewhere.contains(post.id.as_str()) {
+                *held = true;
+                continue;
+            }
             let row = match rows.get(post.id.as_str()) {
                 Some(Err(corrupt)) => {
                     *own = Some(Err(StoreError::Corrupt(corrupt.clone())));
