@@ -369,6 +369,26 @@ pub async fn within_deadline<T>(
     }
 }
 
+/// Hands `item` to a store worker's queue (the SQLite writer, PostgreSQL's post lanes). Waiting
+/// for room changes nothing, so it stops at `deadline`; the worker then skips an item whose
+/// deadline passed before its batch began. Once queued, the answer is awaited whatever the time:
+/// the item may already be part of a batch that commits, and each batch is bounded.
+pub(crate) async fn enqueue<T>(
+    queue: &tokio::sync::mpsc::Sender<T>,
+    item: T,
+    deadline: Option<tokio::time::Instant>,
+    worker: &str,
+) -> Result<(), StoreError> {
+    let queued = queue.send(item);
+    let queued = match deadline {
+        Some(d) => tokio::time::timeout_at(d, queued)
+            .await
+            .map_err(|_| StoreError::DeadlinePassed)?,
+        None => queued.await,
+    };
+    queued.map_err(|_| StoreError::Unavailable(format!("{worker} has stopped")))
+}
+
 /// The storage operations metapass needs. Implemented by [`sqlite::SqliteStore`] and
 /// [`postgres::PostgresStore`]; [`Backend`] is whichever the configuration names.
 pub trait Store: Send + Sync + 'static {

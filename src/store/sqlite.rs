@@ -309,18 +309,8 @@ impl SqliteStore {
             deadline,
             touches,
         };
-        // Waiting for a place in the queue changes nothing, so it stops at the deadline; the
-        // writer then skips a job whose deadline passed before its batch began.
-        let queued = self.jobs.send(Box::new(job));
-        let queued = match deadline {
-            Some(d) => tokio::time::timeout_at(d, queued)
-                .await
-                .map_err(|_| StoreError::DeadlinePassed)?,
-            None => queued.await,
-        };
-        queued.map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
-        // Once queued, the job's answer is awaited whatever the time: it may already be part of
-        // a batch that commits, and each batch is bounded (one audit deadline, the busy timeout).
+        // Each batch is bounded by one audit deadline and the busy timeout.
+        super::enqueue(&self.jobs, Box::new(job), deadline, "the writer thread").await?;
         result
             .await
             .map_err(|_| StoreError::Unavailable("the writer thread dropped the job".into()))?

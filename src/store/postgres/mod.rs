@@ -488,6 +488,26 @@ async fn instance_row(
     .transpose()
 }
 
+/// What is waiting in a lanes' queue, at most `max` items, once there is at least one; `None`
+/// when the queue is closed and empty. One lane at a time waits on the queue, so each batch takes
+/// everything that arrived while the others were busy.
+async fn take_waiting<T>(
+    waiting: &tokio::sync::Mutex<tokio::sync::mpsc::Receiver<T>>,
+    max: usize,
+) -> Option<Vec<T>> {
+    let mut waiting = waiting.lock().await;
+    let first = waiting.recv().await?;
+    let mut batch = Vec::with_capacity(max);
+    batch.push(first);
+    while batch.len() < max {
+        match waiting.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 /// An instance row selected as `instance_id, project_id, password_set, password_version`, or why
 /// it cannot be read (for the batches, where one bad row must not fail the others).
 fn row_record(row: &tokio_postgres::Row) -> Result<InstanceRecord, String> {

@@ -74,20 +74,8 @@ impl<R: BatchRead> Coalesced<R> {
 
 async fn run_lane<R: BatchRead>(pool: Pool, waiting: Waiting<R>) {
     loop {
-        let batch = {
-            let mut waiting = waiting.lock().await;
-            let Some(first) = waiting.recv().await else {
-                return;
-            };
-            let mut batch = Vec::with_capacity(MAX_BATCH);
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match waiting.try_recv() {
-                    Ok(read) => batch.push(read),
-                    Err(_) => break,
-                }
-            }
-            batch
+        let Some(batch) = super::take_waiting(&waiting, MAX_BATCH).await else {
+            return;
         };
         // A reader that has gone (its request ended) needs no answer.
         let batch: Vec<_> = batch

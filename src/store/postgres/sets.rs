@@ -162,18 +162,8 @@ impl SetQueue {
             deadline,
             reply,
         };
-        // Waiting for room in the queue changes nothing, so it stops at the deadline; a lane
-        // then skips a post whose deadline passed before its batch began.
-        let queued = self.posts.send(post);
-        let queued = match deadline {
-            Some(d) => tokio::time::timeout_at(d, queued)
-                .await
-                .map_err(|_| StoreError::DeadlinePassed)?,
-            None => queued.await,
-        };
-        queued.map_err(|_| StoreError::Unavailable("the set-once lanes have stopped".into()))?;
-        // Once queued, the answer is awaited whatever the time: the post may be part of a batch
-        // that commits, and each batch is bounded (one audit deadline, the pool's timeouts).
+        // Each batch is bounded by one audit deadline and the pool's timeouts.
+        crate::store::enqueue(&self.posts, post, deadline, "the set-once lanes").await?;
         result
             .await
             .map_err(|_| StoreError::Unavailable("a set-once lane dropped the post".into()))?
@@ -194,20 +184,8 @@ struct Lane {
 impl Lane {
     async fn run(self) {
         loop {
-            let batch = {
-                let mut waiting = self.waiting.lock().await;
-                let Some(first) = waiting.recv().await else {
-                    return;
-                };
-                let mut batch = Vec::with_capacity(MAX_BATCH);
-                batch.push(first);
-                while batch.len() < MAX_BATCH {
-                    match waiting.try_recv() {
-                        Ok(post) => batch.push(post),
-                        Err(_) => break,
-                    }
-                }
-                batch
+            let Some(batch) = super::take_waiting(&self.waiting, MAX_BATCH).await else {
+                return;
             };
             // No post starts after its request's deadline (it waited behind slow batches).
             let now = crate::clock::io_now_tokio();
