@@ -591,3 +591,112 @@ async fn the_free_space_watermark_turns_readyz_unready_before_the_disk_is_full()
     let again = client.get("/readyz", &[]).await;
     assert_eq!(again.status, 200, "{}", again.text());
 }
+
+/// The events whose `http_request.user_agent` is `agent`, once there is at least one (bounded at
+/// 10 s: a handler left by its client finishes on its own, in its own time).
+async fn events_from_agent(daemon: &Daemon, agent: &str) -> Vec<serde_json::Value> {
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = daemon
+            .audit_events()
+            .into_iter()
+            .filter(|e| e["http_request"]["user_agent"] == agent)
+            .collect();
+        if !events.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    events
+}
+
+/// A client that leaves mid-request, over HTTP/1.1 (a TCP reset) and over HTTP/2 (`RST_STREAM`),
+/// while its handler waits on something slow: the registry lookup in Nova's database, which here
+/// never answers (a listener that accepts and stays silent) until the lookup's timeout. hyper
+/// drops the request's future as soon as it sees the reset; the handler must still run to its
+/// end without the client and leave its one event.
+#[tokio::test]
+async fn a_request_whose_client_leaves_still_runs_to_its_end_and_leaves_one_event() {
+    let silent_nova = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nova = silent_nova.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), |text| {
+        format!("{text}\n[nova_lookup]\nurl = \"mysql://root@{nova}/nova\"\ntimeout_ms = 1500\n")
+    });
+    let daemon = Daemon::start_with(&config, dir);
+    let client = daemon.client();
+    let (h1_agent, h2_agent) = (
+        format!("leaves-h1/{}", new_instance()),
+        format!("leaves-h2/{}", new_instance()),
+    );
+
+    // HTTP/1.1: the head of a GET for an instance the registry does not know, then a reset.
+    let unknown = new_instance();
+    let signed = as_instance(&unknown, "project-a");
+    let mut head = format!(
+        "GET /openstack/latest/password HTTP/1.1\r\nhost: 127.0.0.1\r\nuser-agent: {h1_agent}\r\n"
+    );
+    for (name, value) in signed.headers() {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut stream = client.connect().await;
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    // HTTP/2: the same request on a stream of its own, then RST_STREAM.
+    let mut config = (*tls_client_config()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")
+        .unwrap()
+        .to_owned();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let unknown_too = new_instance();
+    let mut request = http::Request::get("https://127.0.0.1/openstack/latest/password")
+        .header("user-agent", &h2_agent)
+        .body(())
+        .unwrap();
+    for (name, value) in as_instance(&unknown_too, "project-a").headers() {
+        request
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_str(value).unwrap());
+    }
+    let (_answer, mut h2_stream) = send
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, true)
+        .unwrap();
+
+    // Both handlers are now waiting for Nova; the clients leave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (tcp, _) = stream.into_inner();
+    tcp.set_zero_linger().unwrap();
+    drop(tcp); // a TCP reset, not a clean close
+    h2_stream.send_reset(h2::Reason::CANCEL);
+
+    let h1_events = events_from_agent(&daemon, &h1_agent).await;
+    let h2_events = events_from_agent(&daemon, &h2_agent).await;
+    assert_eq!(
+        (h1_events.len(), h2_events.len()),
+        (1, 1),
+        "events of the HTTP/1.1 and the HTTP/2 request"
+    );
+    for event in [&h1_events[0], &h2_events[0]] {
+        assert_eq!(event["api"]["operation"], "password:get", "{event:#}");
+        assert_eq!(
+            event["unmapped"]["reason"], "not_yet_registered",
+            "{event:#}"
+        );
+        // Answered after the lookup's timeout, long after the client left (at 300 ms).
+        let latency_us = event["unmapped"]["latency_us"].as_u64().unwrap();
+        assert!(latency_us >= 1_500_000, "{latency_us} µs");
+    }
+    driver.abort();
+    drop(silent_nova);
+}
