@@ -358,13 +358,14 @@ async fn a_thousand_slow_connections_do_not_lock_out_a_legitimate_client() {
     assert_eq!(client.get("/healthz", &[]).await.status, 200);
 }
 
-/// HTTP/2 "rapid reset" (CVE-2023-44487): open streams and cancel them at once, as fast as the
-/// connection allows. The server must cut the connection off (GOAWAY) rather than keep doing work
-/// for cancelled streams, and stay responsive to everyone else.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_rapid_reset_is_cut_off() {
-    let daemon = Daemon::start();
-    let client = daemon.client();
+/// An HTTP/2 connection to `daemon` over TLS (ALPN `h2`) with the raw `h2` client, for tests that
+/// need what hyper's client hides (resetting a stream); the connection's task is returned too.
+async fn h2_connect(
+    daemon: &Daemon,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
     let mut config = (*tls_client_config()).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
@@ -375,8 +376,18 @@ async fn http2_rapid_reset_is_cut_off() {
         .connect(name, tcp)
         .await
         .unwrap();
-    let (mut send, connection) = h2::client::handshake(tls).await.unwrap();
-    let driver = tokio::spawn(connection);
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    (send, tokio::spawn(connection))
+}
+
+/// HTTP/2 "rapid reset" (CVE-2023-44487): open streams and cancel them at once, as fast as the
+/// connection allows. The server must cut the connection off (GOAWAY) rather than keep doing work
+/// for cancelled streams, and stay responsive to everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_is_cut_off() {
+    let daemon = Daemon::start();
+    let client = daemon.client();
+    let (mut send, driver) = h2_connect(&daemon).await;
     let mut sent = 0u32;
     let outcome = loop {
         if sent == 10_000 {
@@ -644,18 +655,7 @@ async fn a_request_whose_client_leaves_still_runs_to_its_end_and_leaves_one_even
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.flush().await.unwrap();
     // HTTP/2: the same request on a stream of its own, then RST_STREAM.
-    let mut config = (*tls_client_config()).clone();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(daemon.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")
-        .unwrap()
-        .to_owned();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (send, connection) = h2::client::handshake(tls).await.unwrap();
-    let driver = tokio::spawn(connection);
+    let (send, driver) = h2_connect(&daemon).await;
     let unknown_too = new_instance();
     let mut request = http::Request::get("https://127.0.0.1/openstack/latest/password")
         .header("user-agent", &h2_agent)
