@@ -143,15 +143,15 @@ fn http_version(v: http::Version) -> &'static str {
 
 /// Serves one request to its end, also if the client leaves: hyper drops a request's future
 /// when its connection closes or its HTTP/2 stream is reset, and a request dropped half-way would
-/// leave no event (or a mutation unanswered to the log). The handler runs in the connection's
-/// own task while the client waits; if it is dropped before it finished, the rest of it is
-/// spawned onto the runtime ([`RunsToEnd`]) and completes there, its answer discarded.
+/// leave no event. The handler runs in the task that polls it (the connection's, or hyper's task
+/// for an HTTP/2 stream) while the client waits; if it is dropped before it finished, the rest of
+/// it is spawned onto the runtime ([`RunsToEnd`]) and completes there, its answer discarded.
 ///
-/// The handler's future is boxed: it is large (every route's state inline), and a future polled
-/// in place would be copied whole at every step of its life; the box is also what lets an
-/// unfinished handler move to a task of its own without moving the future itself. Spawning
-/// every request instead (as before 2026-12-04) cost a task, its join and a wake-up each time
-/// for the rare request whose client leaves.
+/// The handler's future is boxed: it is large (every route's state inline) and hyper moves the
+/// service's future into its own state (for HTTP/2, into a task), so a pointer moves instead of
+/// kilobytes; the box is also what lets an unfinished handler move to a task of its own without
+/// moving the future itself. Spawning every request instead costs a task, its join and a
+/// wake-up each time, for the rare request whose client leaves.
 pub async fn serve<B: RequestBody>(
     app: Arc<App>,
     conn: Arc<ConnInfo>,
