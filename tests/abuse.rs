@@ -673,7 +673,21 @@ async fn a_request_whose_client_leaves_still_runs_to_its_end_and_leaves_one_even
         .send_request(request, true)
         .unwrap();
 
-    // Both handlers are now waiting for Nova; the clients leave.
+    // The clients leave once the handlers wait for Nova: its listener has taken their lookups'
+    // connections (held open and silent), and a moment more for the second.
+    silent_nova.set_nonblocking(true).unwrap();
+    let mut lookups = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lookups.is_empty() {
+        assert!(Instant::now() < deadline, "no registry lookup reached Nova");
+        match silent_nova.accept() {
+            Ok((connection, _)) => lookups.push(connection),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (tcp, _) = stream.into_inner();
     tcp.set_zero_linger().unwrap();
@@ -698,5 +712,5 @@ async fn a_request_whose_client_leaves_still_runs_to_its_end_and_leaves_one_even
         assert!(latency_us >= 1_500_000, "{latency_us} µs");
     }
     driver.abort();
-    drop(silent_nova);
+    drop((lookups, silent_nova));
 }
