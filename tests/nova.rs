@@ -30,6 +30,14 @@ async fn fresh_nova_database() -> Option<(String, mysql_async::Pool, String)> {
     Some(nova_database_on(&base).await)
 }
 
+/// Drops a database `nova_database_on` made (on the shared server, it would outlive the test).
+async fn drop_nova_database(admin: &mysql_async::Pool, name: &str) {
+    let mut conn = admin.get_conn().await.unwrap();
+    conn.query_drop(format!("DROP DATABASE {name}"))
+        .await
+        .unwrap();
+}
+
 /// A fresh database with Nova's schema subset on the server at `base`: (url, admin pool, name).
 async fn nova_database_on(base: &str) -> (String, mysql_async::Pool, String) {
     let admin = mysql_async::Pool::new(mysql_async::Opts::from_url(base).unwrap());
@@ -191,10 +199,11 @@ async fn import_nova_reads_over_verified_tls() {
     assert!(!ok, "a certificate from another CA was accepted");
     assert!(stderr.contains("Nova database"), "{stderr}");
     if let Ok(plain) = std::env::var("METAPASS_TEST_MYSQL") {
-        let (plain_url, _, _) = nova_database_on(&plain).await;
+        let (plain_url, plain_admin, plain_db) = nova_database_on(&plain).await;
         let (ok, _, stderr) = import(&daemon, &plain_url, &["--db-ca-file", ca.to_str().unwrap()]);
         assert!(!ok, "a server without TLS was read in plaintext");
         assert!(stderr.to_lowercase().contains("ssl"), "{stderr}");
+        drop_nova_database(&plain_admin, &plain_db).await;
     }
     let (ok, out, stderr) = import(&daemon, &url, &["--db-ca-file", ca.to_str().unwrap()]);
     assert!(ok, "{stderr}");
@@ -396,8 +405,7 @@ async fn import_nova_takes_over_every_live_password_once() {
     let with_password_url = url.replacen("root@", "root:secret@", 1);
     let (ok, _, stderr) = import(&daemon, &with_password_url, &["--dry-run"]);
     assert!(!ok && stderr.contains("--db-password-file"), "{stderr}");
-    let mut conn = admin.get_conn().await.unwrap();
-    let _ = conn.query_drop(format!("DROP DATABASE {db}")).await;
+    drop_nova_database(&admin, &db).await;
 }
 
 /// Nova's notification as oslo.messaging sends it: the 2.0 envelope around the message.
@@ -700,6 +708,8 @@ async fn an_unknown_instance_is_registered_at_once_from_novas_database() {
     let (ok, report) = daemon.verify_audit();
     assert!(ok, "{report}");
     assert_valid_ocsf(&daemon);
+    drop(daemon); // its lookup sessions first
+    drop_nova_database(&pool, &db).await;
 }
 
 #[tokio::test]
