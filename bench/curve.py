@@ -126,7 +126,7 @@ def main():
         svg.append(f'<text x="{x + 20}" y="{y - 4}">{escape(s)}</text>')
         x += 110
     svg.append(f'<text x="{x + 20}" y="{y - 4}" font-size="11">each point: one wrk run, every '
-               'connection pausing a fixed time after each answer (bench/run)</text>')
+               'connection pausing after each answer, exponential pauses of the given mean (bench/run)</text>')
     svg.append("</svg>")
     with open(target, "w") as f:
         f.write("\n".join(svg) + "\n")

@@ -123,6 +123,7 @@ w("")
 h1 = by_name.get("metapass GET h1 (N=1000, audit write)")
 h2 = by_name.get("metapass GET h2 (one instance, audit write)")
 half = by_name.get("metapass GET h1 at half peak (N=1000, audit write)")
+in_step = by_name.get("metapass GET h1 at half peak, connections in step (N=1000, audit write)")
 post = by_name.get("metapass POST SQLite (audit fsync)")
 pg = by_name.get("metapass POST PostgreSQL (audit fsync)")
 pgbench = by_name.get("pgbench simple-update")
@@ -169,6 +170,9 @@ metapass_curve = [r for r in rows if r["name"].startswith("curve metapass")]
 at_half = p99_at(metapass_curve, rps(h1) / 2) if h1 and metapass_curve else None
 if at_half is not None:
     paced = f"; the paced run: {ms(half['p99_us'])} ms at {rps(half):,.0f} req/s" if half else ""
+    if in_step:
+        paced += (f"; with every connection pausing the same time (arriving in bursts): "
+                  f"{ms(in_step['p99_us'])} ms at {rps(in_step):,.0f} req/s")
     targets.append(("p99 GET at half of peak (HTTP/1.1)",
                     f"{ms(at_half)} ms at {rps(h1) / 2:,.0f} req/s (on the curve){paced}",
                     at_half / 1000, 2, 1, False, " ms"))
@@ -207,9 +211,10 @@ if any(r["name"].startswith("curve ") for r in rows):
       "nginx](bench/latency-curve.svg)")
     w("")
     w("`bench/curve.py` draws it from the `curve` rows of the same run: each server under wrk, "
-      f"{connections} connections each pausing a fixed time after every answer (32 ms down to "
-      "1 ms), so the offered load is connections / pause (closed loop: a server is never offered "
-      "more than it answers, and latency past its peak is queueing in the connections).")
+      f"{connections} connections each pausing after every answer, 32 ms down to 1 ms on average "
+      "(exponential pauses, so the requests arrive as independent clients' would), so the offered "
+      "load is connections / pause (closed loop: a server is never offered more than it answers, "
+      "and latency past its peak is queueing in the connections).")
     w("")
 analysis = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis.md")
 if os.path.exists(analysis):
