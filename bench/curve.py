@@ -125,8 +125,8 @@ def main():
         svg.append(f'<rect x="{x}" y="{y - 10}" width="14" height="4" fill="{COLOURS[s]}"/>')
         svg.append(f'<text x="{x + 20}" y="{y - 4}">{escape(s)}</text>')
         x += 110
-    svg.append(f'<text x="{x + 20}" y="{y - 4}" font-size="11">each point: one wrk run, every '
-               'connection pausing after each answer, exponential pauses of the given mean (bench/run)</text>')
+    svg.append(f'<text x="{x + 20}" y="{y - 4}" font-size="11">each point: one wrk run, '
+               'exponential pauses after each answer (bench/run)</text>')
     svg.append("</svg>")
     with open(target, "w") as f:
         f.write("\n".join(svg) + "\n")
