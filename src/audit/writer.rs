@@ -1383,9 +1383,12 @@ mod tests {
         files
     }
 
-    /// A directory for page-cache checks: next to the build, not in a `/tmp` that may be tmpfs.
+    /// A directory for page-cache checks: in the build's `target/`, not in a `/tmp` that may be
+    /// tmpfs.
     fn disk_tempdir() -> tempfile::TempDir {
-        tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap()
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        fs::create_dir_all(&base).unwrap();
+        tempfile::tempdir_in(base).unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
