@@ -1260,10 +1260,14 @@ mod tests {
     use super::*;
 
     fn write_mode_auditor(dir: &Path) -> Auditor {
+        write_mode_auditor_rotating_at(dir, 1 << 30)
+    }
+
+    fn write_mode_auditor_rotating_at(dir: &Path, max_file_bytes: u64) -> Auditor {
         let config = WriterConfig {
             dir: dir.to_owned(),
             sync: SyncMode::Write,
-            max_file_bytes: 1 << 30,
+            max_file_bytes,
             queue_capacity: 16,
             ack_timeout: Duration::from_secs(5),
             writer_id: Some("test".into()),
@@ -1334,10 +1338,17 @@ mod tests {
             "the line written during the flush is not known to be on disk"
         );
         // With nothing written meanwhile, the flush covers the file.
+        write_until_a_flush_is_due_and_flush(&auditor, &line).await;
+        assert!(!auditor.writer.lock().await.unsynced);
+    }
+
+    /// Writes `line` under the lock until a write-mode flush is due, then runs that flush as the
+    /// writer thread does (outside the lock).
+    async fn write_until_a_flush_is_due_and_flush(auditor: &Auditor, line: &[u8]) {
         let flush = {
             let mut writer = auditor.writer.lock().await;
             while writer.unsynced_bytes < WRITE_MODE_SYNC_BYTES {
-                writer.stage(&line);
+                writer.stage(line);
                 writer.write_staged();
             }
             writer.start_flush().expect("a flush is due")
@@ -1346,7 +1357,6 @@ mod tests {
         tokio::task::spawn_blocking(move || flush.finish(&shared))
             .await
             .unwrap();
-        assert!(!auditor.writer.lock().await.unsynced);
     }
 
     /// How many of `path`'s bytes are in the page cache (util-linux `fincore`), or `None` where
@@ -1394,31 +1404,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn synced_audit_bytes_leave_the_page_cache_and_the_log_still_verifies() {
         let dir = disk_tempdir();
-        let config = WriterConfig {
-            dir: dir.path().to_owned(),
-            sync: SyncMode::Write,
-            max_file_bytes: 6 * WRITE_MODE_SYNC_BYTES,
-            queue_capacity: 16,
-            ack_timeout: Duration::from_secs(5),
-            writer_id: Some("test".into()),
-        };
-        let keys = Arc::new(AuditKeys::derive(&[9; 32]).unwrap());
-        let auditor = Auditor::start(config, keys, AuditMetrics::default()).unwrap();
+        let auditor = write_mode_auditor_rotating_at(dir.path(), 6 * WRITE_MODE_SYNC_BYTES);
         let line = read_line();
         // Four write-mode flushes' worth, each flushed as the writer thread flushes.
         for _ in 0..4 {
-            let flush = {
-                let mut writer = auditor.writer.lock().await;
-                while writer.unsynced_bytes < WRITE_MODE_SYNC_BYTES {
-                    writer.stage(&line);
-                    writer.write_staged();
-                }
-                writer.start_flush().expect("a flush is due")
-            };
-            let shared = auditor.writer.clone();
-            tokio::task::spawn_blocking(move || flush.finish(&shared))
-                .await
-                .unwrap();
+            write_until_a_flush_is_due_and_flush(&auditor, &line).await;
         }
         let files = audit_files(dir.path());
         assert_eq!(files.len(), 1);
