@@ -683,7 +683,7 @@ impl PendingFlush {
         let started = crate::clock::io_now();
         let synced = self.file.sync_data();
         let elapsed = started.elapsed();
-        // Without the lock too: dropping a few MiB of pages takes a while.
+        // Without the lock too: dropping 4 MiB of pages takes 0.2-0.3 ms here.
         let released = match synced {
             Ok(()) => release_page_cache(&self.file, self.cached_from, self.size),
             Err(_) => self.cached_from,
@@ -1088,6 +1088,9 @@ impl Writer {
                 .observe(started.elapsed().as_secs_f64());
             self.unsynced = false;
             self.unsynced_bytes = 0;
+            // Under the lock, as the sync before it: 0.2-0.3 ms once per 4 MiB (about 2,000
+            // events), on the writer thread's durable batches or the rare write-mode flush that
+            // could not get a second handle.
             if self.size - self.cached_from >= PAGE_CACHE_KEPT_BYTES {
                 self.cached_from = release_page_cache(file, self.cached_from, self.size);
             }
