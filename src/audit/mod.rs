@@ -27,4 +27,7 @@ pub use chain::{AuditKeys, FINGERPRINT_PREFIX};
 pub use event::{
     Activity, AuthMethod, Caller, CallerKind, Decision, Facts, Outcome, Reason, Surface,
 };
-pub use writer::{AuditError, AuditTicket, Auditor, Durability, SyncMode, WriterConfig, Written};
+pub use writer::{
+    AuditError, AuditTicket, Auditor, Durability, SyncMode, WriterConfig, Written,
+    submitted_together,
+};

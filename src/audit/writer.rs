@@ -5,6 +5,8 @@
 //! (up to [`MAX_BATCH`]), seals each into the chain, appends the batch with one `write`, calls
 //! `fdatasync` once if any line in the batch must be durable (or always, in [`SyncMode::Always`]),
 //! and then acknowledges the whole batch. This is group commit: one disk flush for many requests.
+//! A store batch's gates queue their events as one item ([`submitted_together`]), so that the
+//! writer does not flush the first of them alone while the store is still running the rest.
 //!
 //! In [`SyncMode::Write`], an event that need not be durable (a read's) does not go through the
 //! thread: the request's own task takes the writer's lock and seals its line into a staged group,
@@ -145,6 +147,79 @@ enum Item {
     },
     /// Time passed: sign a checkpoint if one is due.
     Tick,
+    /// Events submitted inside one [`submitted_together`] scope, queued as one item so that the
+    /// writer takes them into one batch (one `write`, one `fdatasync`).
+    Together(Vec<Item>),
+}
+
+/// An event held back by a [`submitted_together`] scope, with the queue it is for.
+type HeldEvent = (mpsc::Sender<Item>, Item);
+
+thread_local! {
+    /// The events [`Auditor::submit`] holds back on this thread while a [`submitted_together`]
+    /// scope is open.
+    static HELD: std::cell::RefCell<Option<Vec<HeldEvent>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f`, holding back every event [`Auditor::submit`] queues on this thread meanwhile, and
+/// then queues them as one item: the writer takes them into one batch, with one `write` and one
+/// `fdatasync`. The store's batches call their gates this way (SQLite's writer between its jobs'
+/// statements, PostgreSQL's lanes in one loop): submitted one by one, the first gate's event woke
+/// the writer, which wrote and flushed it while the next jobs ran, so one store batch cost the
+/// log two or three flushes in a row, and the batch waited for the last of them.
+///
+/// `f` is synchronous, so the scope cannot span an `await` (and another task's submissions on
+/// this thread). A scope inside another adds to the outer one. The held events' tickets work as
+/// any others; if the queue is full when the scope ends, they fail as a full queue does, and if
+/// `f` panics they are still queued.
+pub fn submitted_together<R>(f: impl FnOnce() -> R) -> R {
+    struct Release(bool);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if self.0 {
+                release_held();
+            }
+        }
+    }
+    let outermost = HELD.with(|held| {
+        let mut held = held.borrow_mut();
+        if held.is_some() {
+            return false;
+        }
+        *held = Some(Vec::new());
+        true
+    });
+    let _release = Release(outermost);
+    f()
+}
+
+/// Queues what this thread's scope held back: one item per queue, in submission order.
+fn release_held() {
+    let held = HELD
+        .with(|held| held.borrow_mut().take())
+        .unwrap_or_default();
+    let mut groups: Vec<(mpsc::Sender<Item>, Vec<Item>)> = Vec::new();
+    for (tx, item) in held {
+        match groups.iter_mut().find(|(queue, _)| queue.same_channel(&tx)) {
+            Some((_, items)) => items.push(item),
+            None => groups.push((tx, vec![item])),
+        }
+    }
+    for (tx, items) in groups {
+        if let Err(refused) = tx.try_send(Item::Together(items)) {
+            let (error, item) = match refused {
+                mpsc::error::TrySendError::Full(item) => (AuditError::QueueFull, item),
+                mpsc::error::TrySendError::Closed(item) => (AuditError::Stopped, item),
+            };
+            if let Item::Together(items) = item {
+                for item in items {
+                    if let Item::Event { ack, .. } = item {
+                        let _ = ack.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Read events sealed into the chain by their requests' own tasks and not yet written: one
@@ -345,22 +420,36 @@ impl Auditor {
     }
 
     /// Queues an event without waiting for queue space (for callers that must not block, such as
-    /// the store's writer thread). A full queue yields a ticket that fails at once.
+    /// the store's writer thread). A full queue yields a ticket that fails at once. Inside a
+    /// [`submitted_together`] scope, the event is queued when the scope ends.
     pub fn submit(&self, line: Vec<u8>, durability: Durability) -> AuditTicket {
         let (ack, rx) = oneshot::channel();
-        let ack = match self.tx.try_send(Item::Event {
+        let item = Item::Event {
             line,
             durability,
             ack,
-        }) {
+        };
+        let deadline = crate::clock::io_now_tokio() + self.ack_timeout;
+        // Inside a `submitted_together` scope: queued when the scope ends.
+        let item = HELD.with(|held| match held.borrow_mut().as_mut() {
+            Some(held) => {
+                held.push((self.tx.clone(), item));
+                None
+            }
+            None => Some(item),
+        });
+        let Some(item) = item else {
+            return AuditTicket {
+                ack: Ok(rx),
+                deadline,
+            };
+        };
+        let ack = match self.tx.try_send(item) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => Err(AuditError::QueueFull),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(AuditError::Stopped),
         };
-        AuditTicket {
-            ack,
-            deadline: crate::clock::io_now_tokio() + self.ack_timeout,
-        }
+        AuditTicket { ack, deadline }
     }
 
     /// Records an event and waits until it is as durable as asked.
@@ -709,6 +798,14 @@ impl PendingFlush {
     }
 }
 
+/// Adds `item` to the thread's batch, the events of a [`Item::Together`] one by one.
+fn push_flat(batch: &mut Vec<Item>, item: Item) {
+    match item {
+        Item::Together(items) => batch.extend(items),
+        item => batch.push(item),
+    }
+}
+
 /// What [`Writer::write_batch`] needs of a batch: its event lines and how it must end.
 #[derive(Clone, Copy)]
 struct BatchView<'a> {
@@ -735,7 +832,8 @@ impl<'a> BatchView<'a> {
             must_sync: batch.iter().any(|i| match i {
                 Item::Event { durability, .. } => *durability == Durability::Durable,
                 Item::Flush { .. } => true,
-                Item::Probe { .. } | Item::Tick => false,
+                // Never in a batch: push_flat opened it.
+                Item::Probe { .. } | Item::Tick | Item::Together(_) => false,
             }),
             flushing: batch.iter().any(|i| matches!(i, Item::Flush { .. })),
             ticks_only: batch.iter().all(|i| matches!(i, Item::Tick)),
@@ -786,10 +884,11 @@ impl Writer {
         let mut written = Vec::with_capacity(MAX_BATCH);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = rx.blocking_recv() {
-            batch.push(first);
+            push_flat(&mut batch, first);
+            // A `Together` item goes in whole: the batch may pass MAX_BATCH by one store batch.
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(item) => batch.push(item),
+                    Ok(item) => push_flat(&mut batch, item),
                     Err(_) => break,
                 }
             }
@@ -821,7 +920,7 @@ impl Writer {
                 let (ack, position) = match item {
                     Item::Event { ack, .. } => (ack, positions.next()),
                     Item::Flush { ack } | Item::Probe { ack } => (ack, None),
-                    Item::Tick => continue,
+                    Item::Tick | Item::Together(_) => continue,
                 };
                 let _ = ack.send(result.clone().map(|()| position));
             }
@@ -1545,6 +1644,85 @@ mod tests {
         assert_eq!(report.range, Some((2, 3)));
         let content = fs::read_to_string(&files[0]).unwrap();
         assert!(content.lines().next().unwrap().contains("audit:file_lost"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn events_submitted_together_are_written_as_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let auditor = write_mode_auditor(dir.path());
+        let tickets = submitted_together(|| {
+            let first = auditor.submit(read_line(), Durability::Durable);
+            // Queued at once, the first event would be written (and flushed) by now, alone.
+            std::thread::sleep(Duration::from_millis(100));
+            let mut tickets = vec![first];
+            // A scope inside the scope adds to it.
+            tickets.extend(submitted_together(|| {
+                (0..4)
+                    .map(|_| auditor.submit(read_line(), Durability::Durable))
+                    .collect::<Vec<_>>()
+            }));
+            tickets
+        });
+        let mut positions = Vec::new();
+        for ticket in tickets {
+            positions.push(ticket.written().await.unwrap().unwrap().seq);
+        }
+        assert_eq!(positions, [1, 2, 3, 4, 5], "in submission order");
+        assert_eq!(auditor.metrics.batches_written.get(), 1);
+        assert_eq!(auditor.metrics.events_written.get(), 5);
+        // Outside a scope, each is queued at once again.
+        let alone = auditor.submit(read_line(), Durability::Durable);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(auditor.metrics.batches_written.get(), 2);
+        assert_eq!(alone.written().await.unwrap().unwrap().seq, 6);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn events_held_in_a_scope_that_panics_are_still_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let auditor = write_mode_auditor(dir.path());
+        let held = std::sync::Mutex::new(None);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            submitted_together(|| {
+                *held.lock().unwrap() = Some(auditor.submit(read_line(), Durability::Durable));
+                panic!("a job panicked");
+            })
+        }));
+        assert!(panicked.is_err());
+        let ticket = held.into_inner().unwrap().unwrap();
+        assert_eq!(ticket.written().await.unwrap().unwrap().seq, 1);
+        // The scope is closed: the next event is not held.
+        let next = auditor.submit(read_line(), Durability::Durable);
+        assert_eq!(next.written().await.unwrap().unwrap().seq, 2);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn events_held_for_a_full_queue_fail_as_a_full_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let auditor = write_mode_auditor(dir.path());
+        // The writer thread takes what is queued and then waits for the lock held here, so the
+        // queue fills up.
+        let writer = auditor.writer.lock().await;
+        let mut queued = Vec::new();
+        loop {
+            let ticket = auditor.submit(read_line(), Durability::Durable);
+            if ticket.ack.is_err() {
+                break;
+            }
+            queued.push(ticket);
+        }
+        let held = submitted_together(|| {
+            (0..2)
+                .map(|_| auditor.submit(read_line(), Durability::Durable))
+                .collect::<Vec<_>>()
+        });
+        for ticket in held {
+            assert_eq!(ticket.wait().await, Err(AuditError::QueueFull));
+        }
+        drop(writer);
+        for ticket in queued {
+            ticket.wait().await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]

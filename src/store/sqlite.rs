@@ -430,24 +430,27 @@ fn run_batch(
         }
     };
 
-    // Run every job in its own savepoint, so one job's error undoes only its own statements.
+    // Run every job in its own savepoint, so one job's error undoes only its own statements. The
+    // gates' events reach the audit writer together, when the last job has run.
     let mut tickets: Vec<Option<GateTicket>> = Vec::with_capacity(batch.len());
     let mut errors: Vec<Option<StoreError>> = Vec::with_capacity(batch.len());
-    for job in batch.iter_mut() {
-        let result = cached(&tx, "SAVEPOINT job").and_then(|()| job.execute(&tx));
-        match result {
-            Ok(ticket) => {
-                let released = cached(&tx, "RELEASE job");
-                tickets.push(Some(ticket));
-                errors.push(released.err());
-            }
-            Err(e) => {
-                let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
-                tickets.push(None);
-                errors.push(Some(e));
+    crate::audit::submitted_together(|| {
+        for job in batch.iter_mut() {
+            let result = cached(&tx, "SAVEPOINT job").and_then(|()| job.execute(&tx));
+            match result {
+                Ok(ticket) => {
+                    let released = cached(&tx, "RELEASE job");
+                    tickets.push(Some(ticket));
+                    errors.push(released.err());
+                }
+                Err(e) => {
+                    let _ = tx.execute_batch("ROLLBACK TO job; RELEASE job");
+                    tickets.push(None);
+                    errors.push(Some(e));
+                }
             }
         }
-    }
+    });
 
     // Wait for every gate (the audit events of the whole batch) together, then commit once: the
     // batch waits as long as its slowest ticket (each bounded by its own deadline, fixed when its

@@ -291,14 +291,17 @@ impl Lane {
                 "a post's commit gate was spent".into(),
             )));
         }
-        let tickets: Vec<Option<GateTicket>> = batch
-            .iter_mut()
-            .zip(decided.iter())
-            .map(|(post, own)| match own {
-                Some(Ok(outcome)) => post.gate.take().map(|gate| gate(outcome)),
-                _ => None,
-            })
-            .collect();
+        // Their events reach the audit writer as one item: one write and one flush for all.
+        let tickets: Vec<Option<GateTicket>> = crate::audit::submitted_together(|| {
+            batch
+                .iter_mut()
+                .zip(decided.iter())
+                .map(|(post, own)| match own {
+                    Some(Ok(outcome)) => post.gate.take().map(|gate| gate(outcome)),
+                    _ => None,
+                })
+                .collect()
+        });
         let results: Vec<Option<Result<Option<AuditAnchor>, GateDenied>>> =
             futures_util::future::join_all(tickets.into_iter().map(|ticket| async move {
                 match ticket {
