@@ -101,7 +101,9 @@ pub struct WriterConfig {
     pub sync: SyncMode,
     /// Rotate after a file reaches this many bytes.
     pub max_file_bytes: u64,
-    /// How many events may wait for the writer.
+    /// How many items may wait for the writer: an event, a flush or a probe each, and the events
+    /// of one store batch (queued together by [`submitted_together`], at most one store batch
+    /// per store writer or lane) as one.
     pub queue_capacity: usize,
     /// How long a requester waits for space in the queue and then for its acknowledgement.
     pub ack_timeout: Duration,
